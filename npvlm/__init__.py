@@ -1,0 +1,12 @@
+"""npvlm: PaliGemma as explicit NumPy/CuPy array math, equal to Hugging Face transformers."""
+
+from .config import PaliGemmaConfig, TextConfig, VisionConfig, load_config
+from .errors import BackendError, CheckpointError, ConfigError, InputError, NpvlmError
+from .model import PaliGemma, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "PaliGemma", "load_config", "PaliGemmaConfig", "TextConfig", "VisionConfig",
+    "NpvlmError", "ConfigError", "CheckpointError", "InputError", "BackendError",
+]

@@ -1,0 +1,81 @@
+"""The array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+The backend is chosen once, when a model is loaded (`npvlm.load(path, backend="cupy")`): the
+parameter tree is moved to the device there (`to_device`), inputs are moved once after
+preprocessing, and every compute function asks its inputs which array library to use
+(`xp = array_module(x)`). There is no global switch.
+
+This is the only module in npvlm that imports cupy (a test enforces it).
+"""
+
+import numpy as np
+
+from .errors import BackendError
+
+BACKENDS = ("numpy", "cupy")
+
+_cupy = None  # the cupy module, imported on first use
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: PLC0415 (deliberately lazy: cupy is an optional extra)
+        except Exception as e:  # ImportError, or a CUDA library that fails to load
+            raise BackendError(
+                f"backend 'cupy' is not usable: cannot import cupy ({type(e).__name__}: {e}); "
+                "install it with `pip install -e .[gpu]` on a machine with an NVIDIA GPU") from None
+        _cupy = cupy
+    return _cupy
+
+
+def array_module(x):
+    """The array library (numpy or cupy) that owns array `x`: the backend follows the data."""
+    if type(x).__module__.partition(".")[0] == "cupy":
+        return _import_cupy()
+    return np
+
+
+def get_backend(name):
+    """The array module for a backend name, after checking that it can run here."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        cupy = _import_cupy()
+        try:
+            usable = cupy.cuda.is_available()
+        except Exception:  # older cupy re-raises CUDA errors from is_available
+            usable = False
+        if not usable:
+            raise BackendError("backend 'cupy' is not usable: cupy is installed but no CUDA GPU "
+                               "is available; use --backend numpy")
+        return cupy
+    raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def cupy_usable():
+    """True when the cupy backend can run here (for tests that are skipped without a GPU)."""
+    try:
+        get_backend("cupy")
+        return True
+    except BackendError:
+        return False
+
+
+def to_device(tree, xp):
+    """Copy every array of a nested dict/list tree to the array library `xp` (once, at load)."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, xp) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_device(v, xp) for v in tree]
+    if isinstance(tree, np.ndarray) or array_module(tree) is not np:
+        return xp.asarray(tree)
+    return tree
+
+
+def to_host(x):
+    """A NumPy copy (or view) of an array from either backend: the explicit device->host point."""
+    if array_module(x) is np:
+        return np.asarray(x)
+    return x.get()

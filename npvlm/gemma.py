@@ -1,0 +1,60 @@
+"""Gemma decoder (PaliGemma 1), spec §9.
+
+Axis legend: B batch, T query length, S key length, D width, F MLP width, Hq query heads,
+Hk key/value heads, E head dim, V vocab.
+
+    h = merged embeddings [B, T, D]
+    for each layer:  h += attn(rms_norm(h));  h += geglu(rms_norm(h))
+    logits = rms_norm(h) @ embed_tokens^T          (lm_head tied to the embedding)
+
+Follows HF `modeling_gemma.py` (transformers 5.x); the numerics that matter are commented
+where they happen.
+"""
+
+from .attention import apply_rope, attention
+from .backend import array_module
+from .layers import gelu_tanh, linear, rms_norm
+
+
+def embed_tokens(ids, table, cfg):
+    """Token embeddings times sqrt(D). The constant is cast to the activation dtype first
+    (fp32: 45.254834 for D=2048), as HF's `GemmaTextScaledWordEmbedding` does.
+    ids: int[B, T] -> [B, T, D]"""
+    xp = array_module(table)
+    return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
+
+
+def self_attention(x, p, cfg, cos, sin, mask, cache, layer_idx):
+    """Causal/prefix attention with RoPE on q and k, K/V written to the cache.
+    x: [B, T, D] -> [B, T, D]"""
+    B, T, _ = x.shape
+    Hq, Hk, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = linear(x, p["q_proj"]["weight"]).reshape(B, T, Hq, E).transpose(0, 2, 1, 3)  # [B, Hq, T, E]
+    k = linear(x, p["k_proj"]["weight"]).reshape(B, T, Hk, E).transpose(0, 2, 1, 3)  # [B, Hk, T, E]
+    v = linear(x, p["v_proj"]["weight"]).reshape(B, T, Hk, E).transpose(0, 2, 1, 3)  # [B, Hk, T, E]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.write(layer_idx, k, v)                                            # [B, Hk, S, E]
+    out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)      # [B, T, Hq*E]
+    return linear(out, p["o_proj"]["weight"])
+
+
+def geglu(x, p):
+    """down(gelu_tanh(gate(x)) * up(x)).  [B, T, D] -> [B, T, F] -> [B, T, D]"""
+    return linear(gelu_tanh(linear(x, p["gate_proj"]["weight"])) * linear(x, p["up_proj"]["weight"]),
+                  p["down_proj"]["weight"])
+
+
+def gemma_block(h, p, cfg, cos, sin, mask, cache, layer_idx):
+    """Gemma 1 layer: two pre-norm residual branches.
+    (big_vision calls `post_attention_layernorm` `pre_ffw_norm`: it normalises the MLP input.)"""
+    eps = cfg.rms_norm_eps
+    h = h + self_attention(rms_norm(h, p["input_layernorm"]["weight"], eps), p["self_attn"], cfg,
+                           cos, sin, mask, cache, layer_idx)
+    return h + geglu(rms_norm(h, p["post_attention_layernorm"]["weight"], eps), p["mlp"])
+
+
+def lm_head(h, p, cfg):
+    """Final RMSNorm, then logits against the tied embedding.  [..., D] -> [..., V]"""
+    h = rms_norm(h, p["norm"]["weight"], cfg.rms_norm_eps)
+    return h, h @ p["embed_tokens"]["weight"].T

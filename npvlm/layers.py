@@ -1,0 +1,63 @@
+"""Building blocks shared by the vision tower and the text decoder: pure functions over arrays.
+
+Axis legend (used in every shape comment of npvlm):
+    B batch, C channels, P patch side, N image tokens, T query length, S key length,
+    D width, F MLP width, Hq query heads, Hk key/value heads, G = Hq // Hk, E head dim, V vocab.
+
+Every function takes its array module from its input (`xp = array_module(x)`), so the same code
+runs on NumPy and CuPy. Reductions (norm statistics, softmax) run in fp32.
+"""
+
+import math
+
+from .backend import array_module
+
+
+def linear(x, weight, bias=None):
+    """x @ W + b with W stored [in, out] (transposed once at load).  # [..., in] -> [..., out]"""
+    y = x @ weight
+    if bias is not None:
+        y += bias
+    return y
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last axis with biased variance (SigLIP).  # [..., D] -> [..., D]"""
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=-1, keepdims=True)
+    return centered * (1.0 / xp.sqrt(var + eps)) * weight + bias
+
+
+def rms_norm(x, weight, eps):
+    """Gemma RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), in fp32 (HF `GemmaRMSNorm`; the weight
+    is stored as an offset from 1, so a zero weight is the identity scale).  # [..., D] -> [..., D]"""
+    xp = array_module(x)
+    x32 = x.astype(xp.float32, copy=False)
+    inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)
+    return (x32 * inv_rms * (1.0 + weight.astype(xp.float32, copy=False))).astype(x.dtype, copy=False)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (`gelu_pytorch_tanh`):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    xp = array_module(x)
+    return 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax in fp32, cast back to the input dtype."""
+    xp = array_module(x)
+    x32 = x.astype(xp.float32, copy=False)
+    e = xp.exp(x32 - x32.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+
+
+def softcap(x, cap):
+    """Gemma 2 soft capping: cap * tanh(x / cap) keeps |x| < cap smoothly."""
+    xp = array_module(x)
+    return cap * xp.tanh(x / cap)

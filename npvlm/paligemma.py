@@ -1,0 +1,131 @@
+"""PaliGemma: SigLIP image tokens + text tokens -> Gemma -> next-token logits.
+
+Axis legend: B batch, C channels, S image side, N image tokens, T sequence length, D text width,
+V vocab.
+
+    pixels [B, C, S, S] --SigLIP--> [B, N, D_v] --projector--> [B, N, D]
+    input_ids [B, T] = <image>*N <bos> prompt "\\n"  (left-padded in a batch)
+    embeddings [B, T, D]: image features at the <image> positions, sqrt(D)-scaled text elsewhere
+    Gemma decoder with the prefix-LM mask and 1-indexed positions cumsum(attention_mask)
+    logits [B, V] at each row's last real token (prefill), then one token at a time (decode).
+
+Two phases, as in every LLM runtime: `prefill` runs the whole prompt at once (matmuls over T
+tokens; this is where the time goes for short answers) and fills the KV cache; `decode_step`
+runs one token per row against the cache (matrix-vector work, bound by memory bandwidth).
+"""
+
+from .attention import decode_mask, prefix_lm_mask, rope_tables
+from .backend import array_module
+from .errors import InputError
+from .gemma import embed_tokens, gemma_block, lm_head
+from .kv_cache import KVCache
+from .layers import linear
+from .siglip import vision_tower
+from .trace import record
+
+
+def encode_images(params, cfg, pixel_values, trace=None):
+    """pixel_values: float32[B, C, S, S] in [-1, 1] -> image tokens float32[B, N, D].
+    The projector output is used as is: HF v4's divide-by-sqrt(D) is undone by its later
+    multiply (spec §6), so image tokens are effectively unscaled, as in HF 5.x and big_vision."""
+    v = cfg.vision
+    expected = (v.num_channels, v.image_size, v.image_size)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise InputError(f"pixel_values must be [B, {', '.join(map(str, expected))}], "
+                         f"got {list(pixel_values.shape)}")
+    features = vision_tower(pixel_values, params["vision"], v, trace)
+    image_tokens = linear(features, **params["projector"])
+    record(trace, "projector", image_tokens)
+    return image_tokens
+
+
+def merge_embeddings(params, cfg, input_ids, image_tokens):
+    """Token embeddings x sqrt(D), with the image tokens written, in order, over the <image>
+    positions (HF `masked_scatter`: image b fills the <image> run of row b).
+    input_ids: int[B, T], image_tokens: [B, N, D] or None -> [B, T, D]"""
+    xp = array_module(params["text"]["embed_tokens"]["weight"])
+    is_image = input_ids == cfg.image_token_index
+    # the <image> id may lie past the embedding table in small configs (HF maps it to 0 too)
+    h = embed_tokens(xp.where(is_image, 0, input_ids), params["text"]["embed_tokens"]["weight"], cfg.text)
+    n_image = int(is_image.sum())
+    n_features = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+    if n_image != n_features:
+        raise InputError(f"the prompt has {n_image} <image> tokens but there are {n_features} image "
+                         f"features ({cfg.num_image_tokens} per image); each row needs exactly one "
+                         "image's worth of <image> tokens")
+    if n_image:
+        h[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).astype(h.dtype, copy=False)
+    return h
+
+
+def decoder(h, params, cfg, positions, mask, cache, trace=None):
+    """Run every Gemma layer. h: [B, T, D], positions: int[B, T] -> [B, T, D]"""
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    record(trace, "text.embed", h)
+    for i, layer in enumerate(params["layers"]):
+        h = gemma_block(h, layer, cfg, cos, sin, mask, cache, i)
+        record(trace, f"text.layer.{i:02d}", h)
+    return h
+
+
+def check_token_ids(input_ids, cfg):
+    """Validate ids on the host side of the contract: CuPy gathers wrap out-of-range ids."""
+    xp = array_module(input_ids)
+    bad = (input_ids < 0) | ((input_ids >= cfg.text.vocab_size) & (input_ids != cfg.image_token_index))
+    if bool(bad.any()):
+        raise InputError(f"token ids must lie in [0, {cfg.text.vocab_size}) (or be the <image> id "
+                         f"{cfg.image_token_index}); got min {int(input_ids.min())}, max {int(input_ids.max())}")
+    return xp
+
+
+def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_type_ids=None,
+            cache=None, logits_for="last", trace=None):
+    """Run a whole (left-padded) prompt batch; fill `cache` if given.
+
+    input_ids, attention_mask: int[B, T]; token_type_ids: int[B, T] or None (= all prefix);
+    pixel_values: float32[B, C, S, S] or None (text only).
+    logits_for="last": logits [B, V] at each row's last real token only (the vocabulary
+    projection is the largest matmul; it is never run for every prompt position).
+    logits_for="all": logits [B, T, V] (parity tests, scoring).
+    """
+    xp = check_token_ids(input_ids, cfg)
+    if token_type_ids is None:
+        token_type_ids = xp.zeros_like(input_ids)
+    image_tokens = None if pixel_values is None else encode_images(params, cfg, pixel_values, trace)
+    h = merge_embeddings(params, cfg, input_ids, image_tokens)
+    # 1-indexed RoPE positions (HF: "Paligemma positions are 1-indexed"); pads get 1, unused
+    positions = xp.where(attention_mask > 0, xp.cumsum(attention_mask, axis=1), 1)
+    mask = prefix_lm_mask(attention_mask, token_type_ids, h.dtype)
+    if cache is not None and cache.length:
+        raise ValueError("prefill needs an empty cache")
+    h = decoder(h, params["text"], cfg.text, positions, mask, cache, trace)
+    if cache is not None:
+        cache.advance(attention_mask.astype(xp.int32))
+    if logits_for == "last":
+        T = input_ids.shape[1]
+        last = (attention_mask * xp.arange(T)).argmax(axis=1)          # last real token per row
+        h = h[xp.arange(h.shape[0]), last]                             # [B, D]
+    h, logits = lm_head(h, params["text"], cfg.text)
+    record(trace, "text.final_norm", h)
+    record(trace, "logits", logits)
+    return logits
+
+
+def decode_step(params, cfg, token_ids, cache, trace=None):
+    """One new token per row against the cache. token_ids: int[B] -> logits [B, V]."""
+    xp = check_token_ids(token_ids, cfg)
+    B = token_ids.shape[0]
+    h = merge_embeddings(params, cfg, token_ids[:, None], None)                     # [B, 1, D]
+    positions = cache.next_position[:, None]                                       # [B, 1]
+    key_valid = cache.key_valid[:, :cache.length + 1].copy()
+    key_valid[:, -1] = 1                                                           # itself
+    mask = decode_mask(key_valid, h.dtype)                                          # [B, 1, 1, S]
+    h = decoder(h, params["text"], cfg.text, positions, mask, cache, trace)
+    cache.advance(xp.ones((B, 1), xp.int32))
+    h, logits = lm_head(h[:, 0], params["text"], cfg.text)
+    record(trace, "logits", logits)
+    return logits
+
+
+def new_cache(cfg, batch, capacity, like):
+    return KVCache.allocate(cfg.text, batch, capacity, like)

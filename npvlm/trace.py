@@ -1,0 +1,69 @@
+"""Named intermediates, and the one comparison helper that tests and notebooks share.
+
+A forward pass given `trace={}` fills it with host (NumPy) copies of every stage under stable
+names, the same names the golden files use:
+
+    vision.embed, vision.layer.NN, vision.post_norm, projector,
+    text.embed, text.layer.NN, text.final_norm, logits
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import to_host
+
+# fp32 parity tolerances (|ours - ref| <= atol + rtol * |ref|), as transformers' own tests use.
+ATOL = 1e-5
+RTOL = 1e-4
+
+
+def record(trace, name, x):
+    """Store a host copy of `x` under `name` when tracing (trace is a dict, or None = off)."""
+    if trace is not None:
+        trace[name] = np.array(to_host(x), copy=True)
+
+
+@dataclass(frozen=True)
+class StageDiff:
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float      # max |Δ| / (|ref| + atol)
+    ok: bool
+
+    def __str__(self):
+        tag = "OK  " if self.ok else "FAIL"
+        return (f"[{tag}] {self.name:<18} {str(self.shape):<16} max|Δ|={self.max_abs:.3e} "
+                f"max rel={self.max_rel:.3e}")
+
+
+def compare(name, ours, ref, atol=ATOL, rtol=RTOL, where=None):
+    """Compare one stage. `where` (bool, broadcastable to the arrays' leading axes) selects the
+    entries that are meaningful, e.g. real tokens only, not left padding."""
+    ours = np.asarray(to_host(ours), dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        return StageDiff(name, ours.shape, float("inf"), float("inf"), False)
+    shape = ours.shape
+    if where is not None:
+        where = np.asarray(where, bool)
+        sel = np.broadcast_to(where.reshape(where.shape + (1,) * (ref.ndim - where.ndim)), ref.shape)
+        ours, ref = ours[sel], ref[sel]
+    diff = np.abs(ours - ref)
+    ok = bool(np.isfinite(ours).all() and (diff <= atol + rtol * np.abs(ref)).all())
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / (np.abs(ref) + atol)).max()) if diff.size else 0.0
+    return StageDiff(name, shape, max_abs, max_rel, ok)
+
+
+def compare_stages(ours, golden, names, atol=ATOL, rtol=RTOL, where=None, printer=print):
+    """Compare many stages, print one line each (passing or not), return the list of diffs."""
+    results = []
+    for name in names:
+        w = where(name) if callable(where) else where
+        r = compare(name, ours[name], golden[name], atol, rtol, w)
+        if printer is not None:
+            printer(str(r))
+        results.append(r)
+    return results
