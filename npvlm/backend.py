@@ -74,6 +74,13 @@ def to_device(tree, xp):
     return tree
 
 
+def synchronize(xp):
+    """Wait for queued device work (CuPy runs asynchronously); a no-op on NumPy. Timers call
+    this before reading the clock."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
 def to_host(x):
     """A NumPy copy (or view) of an array from either backend: the explicit device->host point."""
     if array_module(x) is np:

@@ -79,11 +79,11 @@ def check_token_ids(input_ids, cfg):
 
 
 def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_type_ids=None,
-            cache=None, logits_for="last", trace=None):
+            cache=None, logits_for="last", trace=None, image_tokens=None):
     """Run a whole (left-padded) prompt batch; fill `cache` if given.
 
     input_ids, attention_mask: int[B, T]; token_type_ids: int[B, T] or None (= all prefix);
-    pixel_values: float32[B, C, S, S] or None (text only).
+    pixel_values: float32[B, C, S, S], or image_tokens: [B, N, D] already encoded, or neither.
     logits_for="last": logits [B, V] at each row's last real token only (the vocabulary
     projection is the largest matmul; it is never run for every prompt position).
     logits_for="all": logits [B, T, V] (parity tests, scoring).
@@ -91,7 +91,8 @@ def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_typ
     xp = check_token_ids(input_ids, cfg)
     if token_type_ids is None:
         token_type_ids = xp.zeros_like(input_ids)
-    image_tokens = None if pixel_values is None else encode_images(params, cfg, pixel_values, trace)
+    if pixel_values is not None:
+        image_tokens = encode_images(params, cfg, pixel_values, trace)
     h = merge_embeddings(params, cfg, input_ids, image_tokens)
     # 1-indexed RoPE positions (HF: "Paligemma positions are 1-indexed"); pads get 1, unused
     positions = xp.where(attention_mask > 0, xp.cumsum(attention_mask, axis=1), 1)
