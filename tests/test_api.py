@@ -1,0 +1,78 @@
+"""The Python API: npvlm.load(path).generate(images, prompts, **options)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import npvlm
+from npvlm.errors import InputError
+from tiny_model import write_random_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return npvlm.load(write_random_model(tmp_path_factory.mktemp("api") / "model", max_positions=128))
+
+
+def _image(seed, shape=(30, 50, 3)):
+    return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+
+
+def test_single_prompt_returns_text_tokens_timings(model, tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(_image(0)).save(path)
+    for img in (path, str(path), Image.open(path), _image(0)):
+        out = model.generate(img, "caption en", max_new_tokens=6)
+        assert isinstance(out.text, str) and str(out) == out.text
+        assert 1 <= len(out.tokens) <= 6 and out.finish_reason in ("eos", "length")
+        assert out.text == model.tokenizer.decode(out.tokens)
+        assert out.timings["prefill_s"] > 0
+
+
+def test_batch_rows_equal_single_runs(model):
+    images = [_image(1), _image(2, (80, 20, 3)), _image(3)]
+    prompts = ["caption en", "answer en what color is the big circle on the left?", "detect square"]
+    batch = model.generate(images, prompts, max_new_tokens=12)
+    for img, prompt, got in zip(images, prompts, batch):
+        alone = model.generate(img, prompt, max_new_tokens=12)
+        assert got.tokens == alone.tokens and got.text == alone.text
+
+
+def test_same_seed_same_sample(model):
+    a = model.generate(_image(4), "caption en", max_new_tokens=10, temperature=1.2, top_p=0.9, seed=11)
+    b = model.generate(_image(4), "caption en", max_new_tokens=10, temperature=1.2, top_p=0.9, seed=11)
+    assert a.tokens == b.tokens
+
+
+def test_stream_pieces_add_up_to_the_text(model):
+    pieces = []
+    out = model.generate(_image(5), "caption en", max_new_tokens=16, stream=pieces.append)
+    assert "".join(pieces) == out.text
+
+
+def test_stop_string_cuts_the_text(model):
+    full = model.generate(_image(6), "caption en", max_new_tokens=16)
+    if len(full.text) < 3:
+        pytest.skip("the random model answered too briefly to cut")
+    stop = full.text[1:3]
+    cut = model.generate(_image(6), "caption en", max_new_tokens=16, stop=[stop])
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=500), "positions"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=2.0), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(stop=[""]), "stop"),
+])
+def test_bad_options_raise_input_error(model, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        model.generate(_image(7), "caption en", **kwargs)
+
+
+def test_image_prompt_count_mismatch(model):
+    with pytest.raises(InputError, match="1 image"):
+        model.generate([_image(8)], ["a", "b"])
+
+
+def test_empty_prompt_is_allowed(model):
+    assert isinstance(model.generate(_image(9), "", max_new_tokens=3).text, str)
