@@ -117,26 +117,35 @@ class PaliGemma:
 
         tok = processor.tokenizer
         B = len(prompt_list)
-        generated = [[] for _ in range(B)]
-        texts = [""] * B
-        cut = [None] * B
+        decoders = [tok.stream_decoder() for _ in range(B)]
+        texts = [""] * B          # text decoded so far (complete characters only)
+        shown = [""] * B          # what `stream` has received
+        cut = [None] * B          # where a stop string begins
+
+        def visible(row):
+            """Text safe to show: up to a stop string, and without a tail that could still grow
+            into one (held back until it cannot; this never un-shows text)."""
+            text = texts[row]
+            if cut[row] is not None:
+                return text[:cut[row]]
+            hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            return text[:len(text) - hold]
 
         def on_step(t, ids, active):
             requested = np.zeros(B, dtype=bool)
+            if not stops and stream is None:
+                return requested
             for row in np.flatnonzero(active):
-                generated[row].append(int(ids[row]))
-                if not stops and stream is None:
-                    continue
-                text = tok.decode(generated[row])
-                hit = min((text.find(s) for s in stops if s in text), default=-1)
-                if hit >= 0:
-                    cut[row] = hit
+                texts[row] += decoders[row].push(int(ids[row]))
+                hits = [texts[row].find(s) for s in stops if s in texts[row]]
+                if hits:
+                    cut[row] = min(hits)
                     requested[row] = True
-                    text = text[:hit]
-                if stream is not None and not text.endswith("\ufffd"):   # wait for whole chars
-                    if len(text) > len(texts[row]):
-                        stream(text[len(texts[row]):])
-                    texts[row] = text
+                if stream is not None:
+                    text = visible(row)
+                    if len(text) > len(shown[row]):
+                        stream(text[len(shown[row]):])
+                        shown[row] = text
             return requested
 
         out = generate_ids(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
@@ -148,8 +157,8 @@ class PaliGemma:
             text = tok.decode(ids)
             if cut[row] is not None:
                 text = text[:cut[row]]
-            if stream is not None and len(text) > len(texts[row]):
-                stream(text[len(texts[row]):])
+            if stream is not None and len(text) > len(shown[row]):
+                stream(text[len(shown[row]):])       # the held-back tail, and flushed bytes
             results.append(Generation(text, ids, out.finish[row], timings))
         return results[0] if single else results
 

@@ -76,3 +76,13 @@ def test_image_prompt_count_mismatch(model):
 
 def test_empty_prompt_is_allowed(model):
     assert isinstance(model.generate(_image(9), "", max_new_tokens=3).text, str)
+
+
+def test_stream_never_shows_a_stop_string(model):
+    full = model.generate(_image(10), "caption en", max_new_tokens=20)
+    if len(full.text) < 4:
+        pytest.skip("the random model answered too briefly")
+    stop = full.text[2:4]
+    pieces = []
+    out = model.generate(_image(10), "caption en", max_new_tokens=20, stop=stop, stream=pieces.append)
+    assert "".join(pieces) == out.text == full.text[:full.text.find(stop)]
