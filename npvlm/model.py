@@ -155,11 +155,14 @@ class PaliGemma:
         for row in range(B):
             ids = out.tokens[row, :out.lengths[row]].tolist()
             text = tok.decode(ids)
-            if cut[row] is not None:
-                text = text[:cut[row]]
+            finish = out.finish[row]
+            # also catches a stop string completed by bytes still pending when the loop ended
+            hits = [text.find(s) for s in stops if s in text]
+            if hits:
+                text, finish = text[:min(hits)], "stop"
             if stream is not None and len(text) > len(shown[row]):
                 stream(text[len(shown[row]):])       # the held-back tail, and flushed bytes
-            results.append(Generation(text, ids, out.finish[row], timings))
+            results.append(Generation(text, ids, finish, timings))
         return results[0] if single else results
 
     def __repr__(self):
