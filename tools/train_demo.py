@@ -1,0 +1,194 @@
+"""Train the embedded demo model: a small PaliGemma on the synthetic shapes world.
+
+    python tools/train_demo.py                  # train (resumes from --work if interrupted), then export
+    python tools/train_demo.py --export-only    # write the package checkpoint from the last state
+
+Uses transformers' PaliGemmaForConditionalGeneration (torch, CPU, fp32) from random init with
+fixed seeds. Inputs are built by npvlm's own processor (tokenizer + image preprocessing), so the
+model learns exactly the token layout npvlm and HF feed it at inference: `<image>`xN `<bos>`
+prompt `\\n` (prefix, bidirectional) + answer `<eos>` (suffix, causal; the only tokens in the loss).
+
+State is saved to --work every --save-every steps (model, optimizer, step, loss log); the data
+of step k is generated from seed (SEED, k), so a resumed run sees exactly the batches it would
+have seen. The result is written in the official hub layout (F32) to npvlm/demo_model/ with the
+tokenizer, and the loss curve to docs/demo_training.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from npvlm.image import preprocess  # noqa: E402
+from npvlm.scenes import make_scene, task_kind, tasks  # noqa: E402
+from npvlm.tokenizer import Tokenizer  # noqa: E402
+
+TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
+OUT = ROOT / "npvlm" / "demo_model"
+SEED = 20261127
+SCENE_SIZE = 128
+TASK_WEIGHTS = {"caption": 0.30, "detect": 0.35, "color": 0.20, "count": 0.15}
+
+ARCH = {
+    "image_size": 64, "patch_size": 8,
+    "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    "text": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=48, max_position_embeddings=256),
+}
+
+
+def build_model(tok):
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    act = "gelu_pytorch_tanh"
+    pieces = tok.piece_size
+    vocab = (pieces + 2 + 63) // 64 * 64          # as HF: <image> + 1, padded to a multiple of 64
+    t = ARCH["text"]
+    cfg = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", image_size=ARCH["image_size"],
+                           patch_size=ARCH["patch_size"], hidden_act=act, layer_norm_eps=1e-6,
+                           vision_use_head=False, projection_dim=t["hidden_size"], **ARCH["vision"]),
+        text_config=dict(model_type="gemma", vocab_size=vocab, hidden_act=act, hidden_activation=act,
+                         rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, **t),
+        image_token_index=pieces, projection_dim=t["hidden_size"], hidden_size=t["hidden_size"],
+        vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        attn_implementation="eager")
+    torch.manual_seed(SEED)
+    return PaliGemmaForConditionalGeneration(cfg).to(torch.float32)
+
+
+def pick_task(scene, rng):
+    by_kind = {}
+    for prompt, answer in tasks(scene):
+        by_kind.setdefault(task_kind(prompt), []).append((prompt, answer))
+    kinds = [k for k in TASK_WEIGHTS if k in by_kind]
+    w = np.array([TASK_WEIGHTS[k] for k in kinds])
+    kind = kinds[rng.choice(len(kinds), p=w / w.sum())]
+    options = by_kind[kind]
+    return options[rng.integers(len(options))]
+
+
+def make_batch(tok, step, batch_size, seed=SEED):
+    """Batch of step `step`: deterministic in (seed, step). Right-padded (training)."""
+    rng = np.random.default_rng([seed, step])
+    n_img = (ARCH["image_size"] // ARCH["patch_size"]) ** 2
+    rows, pixels = [], []
+    for _ in range(batch_size):
+        scene = make_scene(rng, size=SCENE_SIZE)
+        prompt, answer = pick_task(scene, rng)
+        ids, types = tok.prompt_ids(prompt, n_img, suffix=answer)
+        rows.append((ids, types))
+        pixels.append(preprocess(scene.image, ARCH["image_size"]))
+    T = max(len(r[0]) for r in rows)
+    input_ids = np.zeros((batch_size, T), np.int64)
+    mask = np.zeros((batch_size, T), np.int64)
+    types = np.zeros((batch_size, T), np.int64)
+    labels = np.full((batch_size, T), -100, np.int64)
+    for i, (ids, tt) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n], mask[i, :n], types[i, :n] = ids, 1, tt
+        labels[i, :n] = np.where(np.array(tt) == 1, ids, -100)
+    return {k: torch.from_numpy(v) for k, v in dict(
+        input_ids=input_ids, attention_mask=mask, token_type_ids=types, labels=labels,
+        pixel_values=np.stack(pixels)).items()}
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_state(work, model, opt, step, log):
+    tmp = work / "state.pt.tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, tmp)
+    os.replace(tmp, work / "state.pt")
+
+
+def export(model, tok_path, log, args):
+    import hf_reference
+    model.eval()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    hf_reference.save_hub_layout(model, str(OUT), dtype="f32", n_shards=1)
+    shutil.copy(tok_path, OUT / "tokenizer.model")
+    size = sum(p.stat().st_size for p in OUT.iterdir())
+    print(f"exported to {OUT} ({size / 1e6:.1f} MB)")
+    (ROOT / "docs" / "demo_training.json").write_text(json.dumps(
+        {"arch": ARCH, "seed": SEED, "args": vars(args) | {"work": None}, "log": log}, indent=1) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=ROOT / ".demo_train")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--export-only", action="store_true")
+    p.add_argument("--probe", type=int, default=0, help="time this many steps and exit")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import sentencepiece as spm
+    pieces = spm.SentencePieceProcessor(model_file=str(TOKENIZER)).get_piece_size()
+    tok = Tokenizer.from_file(TOKENIZER, image_token_id=pieces)   # HF appends <image> at piece_size
+    model = build_model(tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f} M parameters; arch {ARCH}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                            weight_decay=args.weight_decay)
+    args.work.mkdir(parents=True, exist_ok=True)
+    step, log = 0, []
+    if (args.work / "state.pt").is_file():
+        state = torch.load(args.work / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+        print(f"resumed at step {step}", flush=True)
+    if args.export_only:
+        export(model, TOKENIZER, log, args)
+        return
+    model.train()
+    t0, seen, window = time.time(), 0, []
+    while step < args.steps:
+        batch = make_batch(tok, step, args.batch_size)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += 1
+        window.append(loss.item())
+        if args.probe and seen >= args.probe:
+            print(f"{(time.time() - t0) / seen:.3f} s/step at batch {args.batch_size}")
+            return
+        if step % 25 == 0:
+            elapsed = time.time() - t0
+            log.append({"step": step, "loss": float(np.mean(window)), "lr": lr_at(step - 1, args)})
+            window = []
+            print(f"step {step}/{args.steps} loss {log[-1]['loss']:.4f} lr {log[-1]['lr']:.2e} "
+                  f"{elapsed / seen:.2f} s/step", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save_state(args.work, model, opt, step, log)
+    export(model, TOKENIZER, log, args)
+
+
+if __name__ == "__main__":
+    main()
