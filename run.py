@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Answer a prompt about an image with PaliGemma, in NumPy (or CuPy).
 
-    python run.py IMAGE PROMPT --model DIR [options]
+    python run.py                          # the embedded demo model on a bundled sample scene
+    python run.py IMAGE PROMPT [--model DIR] [options]
 
 stdout carries only the answer (or one JSON object with --json); progress and diagnostics go to
 stderr. Errors print one line and exit non-zero; --debug shows the traceback.
@@ -20,9 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = _Parser(description="PaliGemma in NumPy: answer PROMPT about IMAGE.")
-    p.add_argument("image", help="image file (anything Pillow opens)")
-    p.add_argument("prompt", help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat"')
-    p.add_argument("--model", metavar="DIR", help="PaliGemma folder: config.json, *.safetensors, tokenizer.model")
+    p.add_argument("image", nargs="?", help="image file (anything Pillow opens); default: a bundled "
+                   "sample scene")
+    p.add_argument("prompt", nargs="?", default="caption en",
+                   help='task prompt, e.g. "caption en" (default), "answer en what is this?", "detect cat"')
+    p.add_argument("--model", metavar="DIR", default="demo", help="PaliGemma folder: config.json, "
+                   "*.safetensors, tokenizer.model; default: the embedded demo model")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
@@ -31,7 +35,13 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, "
+                   "timings, detected objects")
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes and labels")
+    p.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
+                   help="map <locNNNN> bins to pixels as bin/1024*size (public demo, default) or bin/1023 (big_vision)")
+    p.add_argument("--allow-huge-image", action="store_true",
+                   help="decode images above Pillow's decompression-bomb limit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -56,6 +66,8 @@ def run(args):
     import npvlm
     from npvlm.errors import InputError
     from npvlm.image import load_image
+    from npvlm.io import check_writable, save_image_atomic
+    from npvlm.model import SAMPLE_SCENE
     from npvlm.sampling import SamplingOptions
 
     try:
@@ -66,10 +78,10 @@ def run(args):
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.model is None:
-        raise InputError("no model given: pass --model DIR, a PaliGemma folder with config.json, "
-                         "*.safetensors and tokenizer.model (see docs/checkpoints.md)")
-    image = load_image(args.image)
+    image_path = SAMPLE_SCENE if args.image is None else args.image
+    if args.draw:
+        check_writable(args.draw, inputs=[image_path])
+    image = load_image(image_path, allow_huge=args.allow_huge_image)
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.backend})", file=sys.stderr)
@@ -90,9 +102,20 @@ def run(args):
           f"({t['prefill_tokens']} tokens), decode {len(result.tokens)} tokens"
           + (f" at {t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else ""),
           file=sys.stderr)
+    found = result.detections(args.loc_divisor)
+    for problem in found.problems:
+        print(f"warning: malformed detection record {problem.text!r}: {problem.reason}", file=sys.stderr)
+    if args.draw:
+        from npvlm.draw import draw_objects
+        save_image_atomic(draw_objects(image, found.objects), args.draw)
+        print(f"drew {len(found.objects)} object(s) to {args.draw}", file=sys.stderr)
     if args.json:
+        objects = [{"label": o.label, "box_yxyx": [round(v, 2) for v in o.box], "loc_bins": list(o.bins),
+                    "seg_codes": list(o.seg) if o.seg else None} for o in found.objects]
         print(json.dumps({"text": result.text, "tokens": result.tokens,
-                          "finish_reason": result.finish_reason, "timings": result.timings}))
+                          "finish_reason": result.finish_reason, "timings": result.timings,
+                          "objects": objects,
+                          "malformed": [{"text": p.text, "reason": p.reason} for p in found.problems]}))
     elif stream is not None:
         print()
     else:

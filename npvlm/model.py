@@ -24,9 +24,17 @@ class Generation:
     tokens: list            # generated ids, the final eos included when generation hit it
     finish_reason: str      # "eos", "stop" (a stop string) or "length" (max_new_tokens)
     timings: dict = field(default_factory=dict)
+    image_size: tuple = None  # (width, height) of the original image, for mapping boxes
 
     def __str__(self):
         return self.text
+
+    def detections(self, divisor=1024):
+        """The `<loc>`/`<seg>` records of the text as objects with boxes in the original image's
+        pixels, plus any malformed records (npvlm.detection.parse_detections)."""
+        from .detection import parse_detections  # noqa: PLC0415
+        width, height = self.image_size
+        return parse_detections(self.text, width, height, divisor)
 
 
 class PaliGemma:
@@ -111,6 +119,8 @@ class PaliGemma:
         processor = self.processor
 
         t0 = time.perf_counter()
+        from .image import load_image  # noqa: PLC0415
+        image_list = [load_image(img) for img in image_list]       # RGB, upright
         inputs = processor(image_list, prompt_list)
         check_generation_args(self.cfg, inputs["input_ids"].shape[1], max_new_tokens)
         t_pre = time.perf_counter() - t0
@@ -162,7 +172,7 @@ class PaliGemma:
                 text, finish = text[:min(hits)], "stop"
             if stream is not None and len(text) > len(shown[row]):
                 stream(text[len(shown[row]):])       # the held-back tail, and flushed bytes
-            results.append(Generation(text, ids, finish, timings))
+            results.append(Generation(text, ids, finish, timings, image_list[row].size))
         return results[0] if single else results
 
     def __repr__(self):
@@ -171,7 +181,18 @@ class PaliGemma:
                 f"text {t.num_hidden_layers}x{t.hidden_size}, vocab {t.vocab_size}, backend {self.backend})")
 
 
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+SAMPLE_SCENE = Path(__file__).resolve().parent / "samples" / "scene.png"
+
+
 def check_model_dir(path):
+    """The folder for a model argument: "demo" names the embedded demo model (a local folder
+    called demo is "./demo")."""
+    if str(path) == "demo":
+        path = DEMO_MODEL
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: the embedded demo model is missing from this installation; "
+                              "reinstall npvlm or train it with `python tools/train_demo.py`")
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: model folder not found")
@@ -183,7 +204,8 @@ def check_model_dir(path):
 
 def load(path, backend="numpy"):
     """Load a PaliGemma model folder (config.json + safetensors [+ tokenizer.model]) onto
-    `backend` ("numpy" or "cupy"). Weights are checked strictly and widened to fp32 once."""
+    `backend` ("numpy" or "cupy"); "demo" is the embedded demo model. Weights are checked
+    strictly and widened to fp32 once."""
     t0 = time.perf_counter()
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable

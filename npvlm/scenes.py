@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .detection import encode_box
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (40, 85, 215), "yellow": (235, 200, 35)}
 JITTER = 20
 MIN_FRAC, MAX_FRAC = 0.15, 0.40
-LOC_BINS = 1024
 
 
 @dataclass(frozen=True)
@@ -100,18 +101,12 @@ def caption(scene):
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def loc_bin(v, size):
-    """Pixel coordinate -> loc bin, as big_vision encodes boxes: round(v / side * 1023)."""
-    return int(np.clip(round(v / size * (LOC_BINS - 1)), 0, LOC_BINS - 1))
-
-
 def detection_text(scene, shapes):
     """PaliGemma detection output for every object whose shape is in `shapes`, left to right."""
     records = []
     for o in scene.objects:
         if o.shape in shapes:
-            locs = "".join(f"<loc{loc_bin(v, scene.size):04d}>" for v in o.box)
-            records.append(f"{locs} {o.shape}")
+            records.append(f"{encode_box(o.box, scene.size, scene.size)} {o.shape}")
     return " ; ".join(records)
 
 

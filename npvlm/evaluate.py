@@ -1,0 +1,124 @@
+"""Evaluate a model on held-out scenes of the demo world (npvlm only, no torch).
+
+    python -m npvlm.evaluate                 # the embedded demo model, 300 scenes
+    python -m npvlm.evaluate --model DIR --scenes 300 --json scores.json
+
+Scenes come from numpy.random.default_rng([EVAL_SEED, i]); training draws from a different
+root seed (tools/train_demo.py), so evaluation scenes are held out. Every task the world defines
+for a scene is asked (npvlm.scenes.tasks), greedy decoding, and scored:
+- caption, color, count: exact match of the answer text;
+- detect: the fraction of ground-truth objects found, i.e. matched one-to-one by a predicted
+  box with the right label at IoU >= 0.5 (boxes decoded with divisor 1023, the encoding the demo
+  world uses).
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .detection import iou, parse_detections
+from .scenes import make_scene, task_kind, tasks
+
+EVAL_SEED = 777_000_001
+SCENE_SIZE = 128
+IOU_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Item:
+    scene: int
+    prompt: str
+    answer: str
+    kind: str
+
+
+def eval_items(n_scenes=300, seed=EVAL_SEED):
+    """(scenes, items): the held-out scenes and every task on each."""
+    scenes, items = [], []
+    for i in range(n_scenes):
+        scene = make_scene(np.random.default_rng([seed, i]), size=SCENE_SIZE)
+        scenes.append(scene)
+        items.extend(Item(i, p, a, task_kind(p)) for p, a in tasks(scene))
+    return scenes, items
+
+
+def detection_hits(predicted_text, answer_text, size):
+    """(ground-truth objects found at IoU >= 0.5 with the right label, ground-truth objects)."""
+    pred = parse_detections(predicted_text, size, size, divisor=1023).objects
+    truth = parse_detections(answer_text, size, size, divisor=1023).objects
+    used, found = set(), 0
+    for t in truth:
+        best, best_j = 0.0, None
+        for j, p in enumerate(pred):
+            if j not in used and p.label == t.label and iou(p.box, t.box) > best:
+                best, best_j = iou(p.box, t.box), j
+        if best_j is not None and best >= IOU_THRESHOLD:
+            used.add(best_j)
+            found += 1
+    return found, len(truth)
+
+
+def score(items, predictions):
+    """Per-task scores: {kind: {"correct": k, "total": n, "score": k/n}}."""
+    tally = {}
+    for item, pred in zip(items, predictions):
+        if item.kind == "detect":
+            k, n = detection_hits(pred, item.answer, SCENE_SIZE)
+        else:
+            k, n = int(pred.strip() == item.answer), 1
+        c = tally.setdefault(item.kind, [0, 0])
+        c[0] += k
+        c[1] += n
+    return {kind: {"correct": k, "total": n, "score": k / n if n else 0.0}
+            for kind, (k, n) in sorted(tally.items())}
+
+
+def predict(model, scenes, items, batch_size=64, max_new_tokens=48):
+    """Greedy answers of an npvlm model for every item, in order."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        results = model.generate([scenes[it.scene].image for it in chunk], [it.prompt for it in chunk],
+                                 max_new_tokens=max_new_tokens)
+        out.extend(r.text for r in results)
+    return out
+
+
+def format_scores(scores, title):
+    lines = [f"{title}", "| task | correct | total | score |", "|---|---|---|---|"]
+    for kind, s in scores.items():
+        unit = " objects" if kind == "detect" else ""
+        lines.append(f"| {kind} | {s['correct']} | {s['total']}{unit} | {100 * s['score']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from .model import load  # noqa: PLC0415
+    p = argparse.ArgumentParser(description="Score a model on held-out demo-world scenes.")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--scenes", type=int, default=300)
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--json", metavar="OUT", help="also write scores and predictions as JSON")
+    args = p.parse_args(argv)
+    model = load(args.model, backend=args.backend)
+    scenes, items = eval_items(args.scenes)
+    t0 = time.perf_counter()
+    predictions = predict(model, scenes, items)
+    elapsed = time.perf_counter() - t0
+    scores = score(items, predictions)
+    print(format_scores(scores, f"{args.model}: {args.scenes} held-out scenes, {len(items)} prompts, "
+                                f"{elapsed:.1f} s ({args.backend})"))
+    if args.json:
+        from .io import write_text_atomic  # noqa: PLC0415
+        write_text_atomic(args.json, json.dumps({
+            "scores": scores, "items": [vars(it) | {"prediction": pr} for it, pr in zip(items, predictions)]},
+            indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The demo world: scenes obey its rules, and the task answers are what the rules say."""
+
+import numpy as np
+import pytest
+
+from npvlm.detection import iou, parse_detections
+from npvlm.scenes import COLORS, SHAPES, caption, make_scene, task_kind, tasks
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scene_rules(seed):
+    s = make_scene(seed)
+    assert s.image.shape == (128, 128, 3) and s.image.dtype == np.uint8
+    assert 1 <= len(s.objects) <= 3
+    for o in s.objects:
+        assert o.shape in SHAPES and o.color in COLORS
+        side = o.box[2] - o.box[0]
+        assert side == o.box[3] - o.box[1] and 0.15 * 128 - 1 <= side <= 0.40 * 128 + 1
+        assert 0 <= o.box[0] and o.box[2] <= 128 and 0 <= o.box[1] and o.box[3] <= 128
+        # the shape's pixels are in its box: the box center has the shape's color, not background
+        cy, cx = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2 + 1
+        assert np.abs(s.image[cy, cx].astype(int) - COLORS[o.color]).max() <= 20
+    for a in s.objects:
+        for b in s.objects:
+            assert a is b or iou(a.box, b.box) == 0
+    xs = [o.box[1] + o.box[3] for o in s.objects]
+    assert xs == sorted(xs)
+
+
+def test_same_seed_same_scene():
+    a, b = make_scene(5), make_scene(5)
+    assert np.array_equal(a.image, b.image) and a.objects == b.objects
+
+
+def test_tasks_answers():
+    s = make_scene(22)      # the bundled sample: red circle, blue square, green triangle
+    answers = dict(tasks(s))
+    assert answers["caption en"] == caption(s) == "a red circle, a blue square and a green triangle"
+    assert answers["answer en how many shapes are there?"] == "3"
+    assert answers["answer en what color is the triangle?"] == "green"
+    det = parse_detections(answers["detect circle"], 128, 128, divisor=1023)
+    assert [o.label for o in det.objects] == ["circle"]
+    assert np.allclose(det.objects[0].box, s.objects[0].box, atol=0.07)
+    assert {task_kind(p) for p in answers} == {"caption", "count", "color", "detect"}
+
+
+def test_color_question_only_when_unique():
+    for seed in range(200):
+        s = make_scene(seed)
+        for prompt, _ in tasks(s):
+            if task_kind(prompt) == "color":
+                shape = prompt.split()[-1].rstrip("?")
+                assert sum(o.shape == shape for o in s.objects) == 1
+
+
+def test_bundled_sample_is_scene_22():
+    from PIL import Image
+    from npvlm.model import SAMPLE_SCENE
+    assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(22).image)
