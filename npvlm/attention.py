@@ -64,7 +64,7 @@ def additive(allowed, dtype):
     return xp.where(allowed, xp.zeros((), dtype), xp.asarray(xp.finfo(dtype).min, dtype))
 
 
-def prefix_lm_mask(attention_mask, token_type_ids, dtype):
+def prefix_lm_mask(attention_mask, token_type_ids, dtype, window=None):
     """The PaliGemma prefix-LM mask for a whole sequence (big_vision `make_attn_mask`, spec §7.1).
 
     attention_mask: int[B, T], 1 for real tokens, 0 for padding.
@@ -81,16 +81,34 @@ def prefix_lm_mask(attention_mask, token_type_ids, dtype):
         x   1 1 1 1 .
         y   1 1 1 1 1
 
+    window (Gemma 2 sliding layers, transformers 5.x semantics, spec §10): a key must also lie
+    within the last `window` positions of the query (j > i - window, i and j sequence indices),
+    unless both are prefix tokens: (causal AND window) OR prefix block. At inference the whole
+    prompt is prefix, so the window only ever hides keys from suffix/generated tokens.
+
     Returns an additive mask [B, 1, T, T].
     """
     xp = array_module(attention_mask)
     valid = attention_mask.astype(bool)
     group = xp.cumsum(token_type_ids * attention_mask, axis=1)                   # [B, T]
     allowed = (group[:, None, :] <= group[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+    if window is not None:
+        T = attention_mask.shape[1]
+        idx = xp.arange(T)
+        in_window = idx[None, :] > idx[:, None] - window                         # [T, T]
+        prefix = token_type_ids == 0
+        both_prefix = prefix[:, :, None] & prefix[:, None, :]                    # [B, T, T]
+        allowed &= in_window[None] | both_prefix
     return additive(allowed[:, None], dtype)                                     # [B, 1, T, T]
 
 
-def decode_mask(key_valid, dtype):
-    """Mask for one new token that sees every real cached key (and itself).
+def decode_mask(key_valid, dtype, window=None):
+    """Mask for one new token (the last slot) that sees every real cached key and itself; with a
+    sliding `window`, only keys j > i - window of its own index i = S - 1.
     key_valid: [B, S] -> additive [B, 1, 1, S]."""
-    return additive(key_valid.astype(bool)[:, None, None, :], dtype)
+    xp = array_module(key_valid)
+    allowed = key_valid.astype(bool)
+    if window is not None:
+        S = key_valid.shape[1]
+        allowed = allowed & (xp.arange(S) > S - 1 - window)[None]
+    return additive(allowed[:, None, None, :], dtype)

@@ -66,6 +66,10 @@ class TextConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
+    layer_types: tuple = ()   # per layer "full_attention" / "sliding_attention" (Gemma 2)
+
+    def layer_type(self, i):
+        return self.layer_types[i] if self.layer_types else "full_attention"
 
     @property
     def attn_scale(self):
@@ -163,11 +167,22 @@ def _text_from_dict(d):
     gemma2 = model_type == "gemma2"
     g2 = {}
     if gemma2:
+        layers = _require(d, "num_hidden_layers", w)
+        window = _optional(d, "sliding_window", w, None)
+        # HF Gemma2Config: even layers (0, 2, ...) slide, odd layers see everything
+        types = d.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                         for i in range(layers)]
+        if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+            raise ConfigError("config.json: 'text_config.layer_types' must list 'sliding_attention' "
+                              f"or 'full_attention' for each of the {layers} layers")
+        if window is None:
+            types = ["full_attention"] * layers
         g2 = dict(
             query_pre_attn_scalar=_require(d, "query_pre_attn_scalar", w, float),
             attn_logit_softcapping=_optional(d, "attn_logit_softcapping", w, None, float),
             final_logit_softcapping=_optional(d, "final_logit_softcapping", w, None, float),
-            sliding_window=_optional(d, "sliding_window", w, None),
+            sliding_window=window,
+            layer_types=tuple(types),
         )
     return TextConfig(
         model_type=model_type,

@@ -1,4 +1,4 @@
-"""Gemma decoder (PaliGemma 1), spec §9.
+"""Gemma decoders: Gemma 1 (PaliGemma 1, spec §9) and Gemma 2 (PaliGemma 2, spec §10).
 
 Axis legend: B batch, T query length, S key length, D width, F MLP width, Hq query heads,
 Hk key/value heads, E head dim, V vocab.
@@ -13,7 +13,7 @@ where they happen.
 
 from .attention import apply_rope, attention
 from .backend import array_module
-from .layers import gelu_tanh, linear, rms_norm
+from .layers import gelu_tanh, linear, rms_norm, softcap
 
 
 def embed_tokens(ids, table, cfg):
@@ -54,7 +54,28 @@ def gemma_block(h, p, cfg, cos, sin, mask, cache, layer_idx):
     return h + geglu(rms_norm(h, p["post_attention_layernorm"]["weight"], eps), p["mlp"])
 
 
+def gemma2_block(h, p, cfg, cos, sin, mask, cache, layer_idx):
+    """Gemma 2 layer. What differs from Gemma 1: each branch output is RMS-normalised again
+    before it joins the residual (`post_attention_layernorm` is a real *post* norm here, and
+    `post_feedforward_layernorm` is new); the MLP input norm is `pre_feedforward_layernorm`.
+    Inside attention (same function): scale query_pre_attn_scalar**-0.5, logits softcapped
+    before the mask, and a sliding-window mask on the layers that slide."""
+    eps = cfg.rms_norm_eps
+    a = self_attention(rms_norm(h, p["input_layernorm"]["weight"], eps), p["self_attn"], cfg,
+                       cos, sin, mask, cache, layer_idx)
+    h = h + rms_norm(a, p["post_attention_layernorm"]["weight"], eps)
+    m = geglu(rms_norm(h, p["pre_feedforward_layernorm"]["weight"], eps), p["mlp"])
+    return h + rms_norm(m, p["post_feedforward_layernorm"]["weight"], eps)
+
+
+BLOCKS = {"gemma": gemma_block, "gemma2": gemma2_block}
+
+
 def lm_head(h, p, cfg):
-    """Final RMSNorm, then logits against the tied embedding.  [..., D] -> [..., V]"""
+    """Final RMSNorm, then logits against the tied embedding; Gemma 2 softcaps them
+    (cap * tanh(logits / cap), as transformers 5.x does).  [..., D] -> [..., V]"""
     h = rms_norm(h, p["norm"]["weight"], cfg.rms_norm_eps)
-    return h, h @ p["embed_tokens"]["weight"].T
+    logits = h @ p["embed_tokens"]["weight"].T
+    if cfg.final_logit_softcapping is not None:
+        logits = softcap(logits, cfg.final_logit_softcapping)
+    return h, logits

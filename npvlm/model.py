@@ -210,9 +210,6 @@ def load(path, backend="numpy"):
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
     cfg = load_config(path)
-    if cfg.text.model_type != "gemma":
-        raise CheckpointError(f"{path}: text_config.model_type {cfg.text.model_type!r} (PaliGemma 2) "
-                              "is not supported yet; npvlm currently runs PaliGemma 1 ('gemma')")
     processor = None
     if (path / "tokenizer.model").is_file():
         from .processor import Processor  # noqa: PLC0415 (needs sentencepiece + pillow)

@@ -17,7 +17,7 @@ runs one token per row against the cache (matrix-vector work, bound by memory ba
 from .attention import decode_mask, prefix_lm_mask, rope_tables
 from .backend import array_module
 from .errors import InputError
-from .gemma import embed_tokens, gemma_block, lm_head
+from .gemma import BLOCKS, embed_tokens, lm_head
 from .kv_cache import KVCache
 from .layers import linear
 from .siglip import vision_tower
@@ -41,29 +41,36 @@ def encode_images(params, cfg, pixel_values, trace=None):
 
 def merge_embeddings(params, cfg, input_ids, image_tokens):
     """Token embeddings x sqrt(D), with the image tokens written, in order, over the <image>
-    positions (HF `masked_scatter`: image b fills the <image> run of row b).
+    positions (HF `masked_scatter`: image b fills the <image> run of row b). Without image
+    tokens (decode steps) every id is embedded as a token, as HF does when a model happens to
+    generate the <image> id.
     input_ids: int[B, T], image_tokens: [B, N, D] or None -> [B, T, D]"""
     xp = array_module(params["text"]["embed_tokens"]["weight"])
     is_image = input_ids == cfg.image_token_index
-    # the <image> id may lie past the embedding table in small configs (HF maps it to 0 too)
-    h = embed_tokens(xp.where(is_image, 0, input_ids), params["text"]["embed_tokens"]["weight"], cfg.text)
+    ids = input_ids
+    if cfg.image_token_index >= cfg.text.vocab_size:   # small configs: HF maps <image> to 0 too
+        ids = xp.where(is_image, 0, input_ids)
+    h = embed_tokens(ids, params["text"]["embed_tokens"]["weight"], cfg.text)
+    if image_tokens is None:
+        return h
     n_image = int(is_image.sum())
-    n_features = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+    n_features = image_tokens.shape[0] * image_tokens.shape[1]
     if n_image != n_features:
         raise InputError(f"the prompt has {n_image} <image> tokens but there are {n_features} image "
                          f"features ({cfg.num_image_tokens} per image); each row needs exactly one "
                          "image's worth of <image> tokens")
-    if n_image:
-        h[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).astype(h.dtype, copy=False)
+    h[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).astype(h.dtype, copy=False)
     return h
 
 
-def decoder(h, params, cfg, positions, mask, cache, trace=None):
-    """Run every Gemma layer. h: [B, T, D], positions: int[B, T] -> [B, T, D]"""
+def decoder(h, params, cfg, positions, masks, cache, trace=None):
+    """Run every Gemma layer. h: [B, T, D], positions: int[B, T] -> [B, T, D].
+    masks: {"full_attention": ..., "sliding_attention": ...}, chosen per layer (Gemma 2)."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    block = BLOCKS[cfg.model_type]
     record(trace, "text.embed", h)
     for i, layer in enumerate(params["layers"]):
-        h = gemma_block(h, layer, cfg, cos, sin, mask, cache, i)
+        h = block(h, layer, cfg, cos, sin, masks[cfg.layer_type(i)], cache, i)
         record(trace, f"text.layer.{i:02d}", h)
     return h
 
@@ -96,10 +103,13 @@ def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_typ
     h = merge_embeddings(params, cfg, input_ids, image_tokens)
     # 1-indexed RoPE positions (HF: "Paligemma positions are 1-indexed"); pads get 1, unused
     positions = xp.where(attention_mask > 0, xp.cumsum(attention_mask, axis=1), 1)
-    mask = prefix_lm_mask(attention_mask, token_type_ids, h.dtype)
+    masks = {"full_attention": prefix_lm_mask(attention_mask, token_type_ids, h.dtype)}
+    if cfg.text.sliding_window is not None:
+        masks["sliding_attention"] = prefix_lm_mask(attention_mask, token_type_ids, h.dtype,
+                                                    cfg.text.sliding_window)
     if cache is not None and cache.length:
         raise ValueError("prefill needs an empty cache")
-    h = decoder(h, params["text"], cfg.text, positions, mask, cache, trace)
+    h = decoder(h, params["text"], cfg.text, positions, masks, cache, trace)
     if cache is not None:
         cache.advance(attention_mask.astype(xp.int32))
     if logits_for == "last":
@@ -120,8 +130,10 @@ def decode_step(params, cfg, token_ids, cache, trace=None):
     positions = cache.next_position[:, None]                                       # [B, 1]
     key_valid = cache.key_valid[:, :cache.length + 1].copy()
     key_valid[:, -1] = 1                                                           # itself
-    mask = decode_mask(key_valid, h.dtype)                                          # [B, 1, 1, S]
-    h = decoder(h, params["text"], cfg.text, positions, mask, cache, trace)
+    masks = {"full_attention": decode_mask(key_valid, h.dtype)}                    # [B, 1, 1, S]
+    if cfg.text.sliding_window is not None:
+        masks["sliding_attention"] = decode_mask(key_valid, h.dtype, cfg.text.sliding_window)
+    h = decoder(h, params["text"], cfg.text, positions, masks, cache, trace)
     cache.advance(xp.ones((B, 1), xp.int32))
     h, logits = lm_head(h[:, 0], params["text"], cfg.text)
     record(trace, "logits", logits)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
 GOLDEN_FORMAT_VERSION = 1
 REGENERATE = "python tools/make_goldens.py  (needs: pip install -e '.[reference]')"
-GOLDEN_MODELS = ("pg1_mqa_hub", "pg1_gqa_v5")
+GOLDEN_MODELS = ("pg1_mqa_hub", "pg1_gqa_v5", "pg2_gqa_hub", "pg2_gqa_v5")
 
 sys.path.insert(0, str(ROOT / "tools"))   # hf_reference, for the live tests
 

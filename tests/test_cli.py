@@ -99,7 +99,6 @@ def test_cupy_without_gpu(model_dir, image):
 
 
 def test_model_errors(tmp_path, model_dir, image):
-    assert_one_line_error(run(image, "caption en"), "no model given")
     assert_one_line_error(run(image, "caption en", "--model", tmp_path / "nope"), "model folder not found")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run(image, "caption en", "--model", tmp_path / "empty"), "config.json")

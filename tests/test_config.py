@@ -98,3 +98,17 @@ def test_load_config_file_errors(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(PG1_224))
     assert load_config(tmp_path).text.num_hidden_layers == 18
+
+
+def test_gemma2_layer_types():
+    cfg = config_from_dict(PG2_448)
+    assert cfg.text.layer_types[:3] == ("sliding_attention", "full_attention", "sliding_attention")
+    d = copy.deepcopy(PG2_448)
+    d["text_config"]["layer_types"] = ["full_attention"] * 26
+    assert config_from_dict(d).text.layer_type(0) == "full_attention"
+    d["text_config"]["layer_types"] = ["full_attention"] * 3
+    with pytest.raises(ConfigError, match="layer_types"):
+        config_from_dict(d)
+    del d["text_config"]["query_pre_attn_scalar"]
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar"):
+        config_from_dict(d)

@@ -30,6 +30,18 @@ SPECS = {
                  "head_dim": 12, "vocab_size": 256, "max_position_embeddings": 96},
         "image_token_index": 255, "newline_id": 108,
     },
+    # PaliGemma 2: Gemma 2 decoder, GQA 6->3, sliding window 5 < prompt, caps that bite
+    "gemma2_gqa_42px": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 24, "intermediate_size": 40,
+                   "num_hidden_layers": 2, "num_attention_heads": 3},
+        "text": {"model_type": "gemma2", "hidden_size": 48, "intermediate_size": 80,
+                 "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
+                 "head_dim": 8, "query_pre_attn_scalar": 10, "attn_logit_softcapping": 4.0,
+                 "final_logit_softcapping": 2.5, "sliding_window": 5, "vocab_size": 200,
+                 "max_position_embeddings": 96},
+        "image_token_index": 199, "newline_id": 108, "n_suffix": 3,
+        "init": {"final_norm_gain": 3.0},
+    },
 }
 
 
@@ -40,7 +52,8 @@ def fresh(request, torch_and_transformers, tmp_path_factory):
     model = ref.build_tiny_model(spec, seed=1234)
     inputs = ref.make_inputs(spec, seed=99)
     stages = ref.capture_stages(model, **inputs)
-    tokens = ref.greedy_generate(model, **inputs, max_new_tokens=32)
+    plain = {**inputs, "token_type_ids": np.zeros_like(inputs["token_type_ids"])}   # generation input
+    tokens = ref.greedy_generate(model, **plain, max_new_tokens=32)
     folders = {}
     root = tmp_path_factory.mktemp(request.param)
     for layout, save in [("save_pretrained", ref.save_with_save_pretrained),
@@ -96,7 +109,8 @@ def test_fresh_model_greedy_tokens(fresh):
 def test_fresh_model_last_logits(fresh):
     _, inputs, stages, _, folders = fresh
     model = npvlm.load(folders["v5_names"])
-    logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                           inputs["token_type_ids"])
     r = compare("logits[last]", logits, stages["logits"][:, -1])
     print(r)
     assert r.ok

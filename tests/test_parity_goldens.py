@@ -42,7 +42,8 @@ def test_every_stage_matches_hf(golden, backend):
 def test_last_position_logits_match_hf(golden, backend):
     """The production prefill computes logits only at each row's last real token."""
     model = _load(golden, backend)
-    logits = model.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"])
+    logits = model.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
+                           golden["token_type_ids"])
     ref = golden["logits"][:, -1]          # left padding: every row ends at the last column
     r = compare("logits[last]", logits, ref)
     print("\n" + str(r))

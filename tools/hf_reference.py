@@ -63,6 +63,11 @@ def num_image_tokens(spec: dict) -> int:
     return (v["image_size"] // v["patch_size"]) ** 2
 
 
+# Gemma 2 text fields passed through from a spec (PaliGemma 2 tiny models)
+GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                 "sliding_window", "layer_types")
+
+
 def make_config(spec: dict):
     """Build a ``PaliGemmaConfig`` (eager attention) from a spec dict."""
     from transformers import PaliGemmaConfig
@@ -94,6 +99,7 @@ def make_config(spec: dict):
         rms_norm_eps=1e-6,
         hidden_act=ACT,
         hidden_activation=ACT,
+        **{k: t[k] for k in GEMMA2_FIELDS if k in t},
         **special,
     )
     return PaliGemmaConfig(
@@ -156,7 +162,13 @@ def build_tiny_model(spec: dict, seed: int, round_to_bf16: bool = False):
 
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(make_config(spec)).to(torch.float32).eval()
-    _randomize_(model, seed, {**DEFAULT_INIT, **spec.get("init", {})})
+    init = {**DEFAULT_INIT, **spec.get("init", {})}
+    _randomize_(model, seed, init)
+    if init.get("final_norm_gain"):
+        # scales the final logits (RMSNorm multiplies by 1 + w): lets a small model's logits
+        # reach a Gemma 2 final softcap without larger embeddings, which make it repeat tokens
+        with torch.no_grad():
+            model.model.language_model.norm.weight.add_(init["final_norm_gain"])
     if round_to_bf16:
         round_params_to_bf16_(model)
     lm = model.model.language_model
@@ -180,7 +192,8 @@ def make_inputs(spec: dict, seed: int) -> dict[str, np.ndarray]:
     Row 1: ``[pad]*3 + [img]*N + [bos] + 3 text ids + [newline]`` (left padded, mask 0 on pads).
 
     Returns ``input_ids`` int64 [2,T], ``attention_mask`` int64 [2,T], ``token_type_ids`` int64
-    [2,T] (all zeros: the whole prompt is prefix), ``pixel_values`` float32 [2,3,S,S] in [-1, 1];
+    [2,T] (all zeros: the whole prompt is prefix; with ``spec["n_suffix"] = k`` the last k tokens
+    of each row are 1, a causal suffix as in training), ``pixel_values`` float32 [2,3,S,S] in [-1, 1];
     T = N + 8.
     """
     rng = np.random.default_rng(seed)
@@ -200,10 +213,14 @@ def make_inputs(spec: dict, seed: int) -> dict[str, np.ndarray]:
     attention_mask[1, :3] = 0
     s = spec["vision"]["image_size"]
     pixel_values = rng.uniform(-1.0, 1.0, size=(2, 3, s, s)).astype(np.float32)
+    token_type_ids = np.zeros_like(input_ids)
+    n_suffix = spec.get("n_suffix", 0)   # training-style inputs: the last tokens are a causal suffix
+    if n_suffix:
+        token_type_ids[:, -n_suffix:] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "token_type_ids": np.zeros_like(input_ids),
+        "token_type_ids": token_type_ids,
         "pixel_values": pixel_values,
     }
 

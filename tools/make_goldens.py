@@ -97,6 +97,46 @@ GOLDENS = {
 }
 
 
+# PaliGemma 2 (Gemma 2 decoder): GQA, query_pre_attn_scalar != head_dim, >= 3 layers (sliding
+# and full layers both occur), a sliding window smaller than the sequence, softcaps small enough
+# for this init to push scores into tanh's curved part, and a 4-token causal suffix in the stage
+# inputs so the window is exercised in prefill too (generation exercises it in decode).
+GEMMA2_TEXT = {"model_type": "gemma2", "query_pre_attn_scalar": 12, "attn_logit_softcapping": 4.0,
+               "final_logit_softcapping": 2.5, "sliding_window": 4}
+GOLDENS["pg2_gqa_hub"] = {
+    "spec": {
+        "vision": {"image_size": 28, "patch_size": 14, "hidden_size": 32, "intermediate_size": 48,
+                   "num_hidden_layers": 2, "num_attention_heads": 4},
+        "text": {**GEMMA2_TEXT, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                 "vocab_size": 320, "max_position_embeddings": 128},
+        "image_token_index": 300, "newline_id": 108, "n_suffix": 4, "init": {**INIT, "final_norm_gain": 3.0},
+    },
+    "seed": 4,
+    "round_to_bf16": True,
+    "layout": {"scheme": "hub", "dtype": "bf16", "n_shards": 2},
+}
+GOLDENS["pg2_gqa_v5"] = {
+    "spec": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 48, "intermediate_size": 64,
+                   "num_hidden_layers": 2, "num_attention_heads": 4},
+        "text": {**GEMMA2_TEXT, "sliding_window": 6, "hidden_size": 48, "intermediate_size": 96,
+                 "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
+                 "head_dim": 8, "query_pre_attn_scalar": 20, "vocab_size": 320,
+                 "max_position_embeddings": 128},
+        "image_token_index": 300, "newline_id": 108, "n_suffix": 4, "init": {**INIT, "final_norm_gain": 3.0},
+    },
+    "seed": 5,
+    "round_to_bf16": False,
+    "layout": {"scheme": "v5", "dtype": "f32", "n_shards": 1},
+}
+
+
+def generation_inputs(inputs: dict) -> dict:
+    """The same prompts as plain inference inputs (every token prefix), as generate() sees them."""
+    return {**inputs, "token_type_ids": np.zeros_like(inputs["token_type_ids"])}
+
+
 def save_checkpoint(model, out_dir: str, layout: dict) -> None:
     """Write ``model`` to ``out_dir`` in the layout named by ``layout["scheme"]``."""
     if os.path.isdir(out_dir):
@@ -120,7 +160,7 @@ def row_alone(inputs: dict, r: int) -> dict:
     return out
 
 
-def check_rows_alone(model, inputs: dict, stages: dict, batched: np.ndarray) -> tuple[dict, dict, list[str]]:
+def check_rows_alone(model, inputs: dict, stages: dict, batched: np.ndarray, gen_inputs: dict) -> tuple[dict, dict, list[str]]:
     """Run each row alone (no padding); compare its tokens and text stages with the batched run.
 
     Returns ({"greedy_tokens_row<r>": tokens}, {stage: max |diff|}, problems).
@@ -128,7 +168,8 @@ def check_rows_alone(model, inputs: dict, stages: dict, batched: np.ndarray) -> 
     tokens, diffs, problems = {}, {}, []
     for r in range(inputs["input_ids"].shape[0]):
         single = row_alone(inputs, r)
-        tokens[f"greedy_tokens_row{r}"] = ref.greedy_generate(model, **single, max_new_tokens=MAX_NEW_TOKENS)[0]
+        tokens[f"greedy_tokens_row{r}"] = ref.greedy_generate(
+            model, **row_alone(gen_inputs, r), max_new_tokens=MAX_NEW_TOKENS)[0]
         if not np.array_equal(tokens[f"greedy_tokens_row{r}"], batched[r]):
             problems.append(f"row {r}: batched greedy tokens differ from the row run alone")
         keep = inputs["attention_mask"][r] == 1
@@ -160,13 +201,14 @@ def check_tokens(batched: np.ndarray, step_logits: np.ndarray, spec: dict) -> tu
 def check_stages(model, inputs: dict, stages: dict, step_logits: np.ndarray, spec: dict) -> tuple[dict, list[str]]:
     """Cross-checks that the hooks captured what their names say; returns ({check: max |diff|}, problems)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+    plain = stages if not spec.get("n_suffix") else ref.capture_stages(model, **generation_inputs(inputs))
     embed = model.model.language_model.embed_tokens.weight.detach().numpy()
     hidden = spec["text"]["hidden_size"]
     is_img = ids == spec["image_token_index"]
     text_pos = mask & ~is_img
     diffs = {
         # generate()'s prefill (its own positions) vs our forward with explicit positions
-        "prefill_logits_vs_generate_step0": np.abs(stages["logits"][:, -1] - step_logits[:, 0]).max(),
+        "prefill_logits_vs_generate_step0": np.abs(plain["logits"][:, -1] - step_logits[:, 0]).max(),
         # image positions of the merged embeddings hold the projector output, unscaled
         "text_embed_image_vs_projector": np.abs(
             stages["text.embed"][is_img] - stages["projector"].reshape(-1, hidden)
@@ -176,11 +218,42 @@ def check_stages(model, inputs: dict, stages: dict, step_logits: np.ndarray, spe
             stages["text.embed"][text_pos] - embed[ids[text_pos]] * np.float32(np.sqrt(hidden))
         ).max(),
         # tied lm_head
-        "logits_vs_final_norm_at_embedding": np.abs(stages["logits"] - stages["text.final_norm"] @ embed.T).max(),
+        "logits_vs_final_norm_at_embedding": np.abs(
+            stages["logits"] - softcapped(stages["text.final_norm"] @ embed.T, spec)).max(),
     }
     diffs = {k: float(v) for k, v in diffs.items()}
     problems = [f"{k}: max |diff| {v:.3g}" for k, v in diffs.items() if v > 1e-4]
     return diffs, problems
+
+
+def check_softcaps(model, inputs: dict, stages: dict, spec: dict) -> tuple[dict, list[str]]:
+    """Gemma 2 only: the caps must change the outputs, or the goldens would not test them."""
+    import copy
+
+    t = spec["text"]
+    if t.get("model_type") != "gemma2":
+        return {}, []
+    uncapped = copy.deepcopy(model)
+    for layer in uncapped.model.language_model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    no_attn_cap = ref.capture_stages(uncapped, **inputs)
+    keep = inputs["attention_mask"].astype(bool)
+    effect = {
+        "attn_softcap_effect_on_text.layer.00": float(np.abs(no_attn_cap["text.layer.00"] - stages["text.layer.00"])[keep].max()),
+        "max_abs_logit_before_final_cap": float(np.abs(stages["text.final_norm"] @ uncapped.model.language_model.embed_tokens.weight.detach().numpy().T).max()),
+        "final_cap": t["final_logit_softcapping"],
+    }
+    problems = []
+    if effect["attn_softcap_effect_on_text.layer.00"] < 1e-2:
+        problems.append(f"attention softcap barely changes layer 0 ({effect['attn_softcap_effect_on_text.layer.00']:.2e})")
+    if effect["max_abs_logit_before_final_cap"] < t["final_logit_softcapping"]:
+        problems.append("final logits never exceed the final softcap")
+    return effect, problems
+
+
+def softcapped(logits: np.ndarray, spec: dict) -> np.ndarray:
+    cap = spec["text"].get("final_logit_softcapping")
+    return logits if cap is None else cap * np.tanh(logits / cap)
 
 
 def fp32_noise(model, inputs: dict, stages: dict) -> dict:
@@ -219,11 +292,15 @@ def make_one(name: str, entry: dict, out_root: str) -> dict:
     model = ref.build_tiny_model(spec, seed, round_to_bf16=entry["round_to_bf16"])
     inputs = ref.make_inputs(spec, seed)
     stages = ref.capture_stages(model, **inputs)
-    batched, step_logits = ref.greedy_generate_with_logits(model, **inputs, max_new_tokens=MAX_NEW_TOKENS)
-    singles, diffs, problems = check_rows_alone(model, inputs, stages, batched)
+    gen_inputs = generation_inputs(inputs)
+    batched, step_logits = ref.greedy_generate_with_logits(model, **gen_inputs, max_new_tokens=MAX_NEW_TOKENS)
+    singles, diffs, problems = check_rows_alone(model, inputs, stages, batched, gen_inputs)
     margin, token_problems = check_tokens(batched, step_logits, spec)
     stage_diffs, stage_problems = check_stages(model, inputs, stages, step_logits, spec)
-    problems += token_problems + stage_problems
+    cap_effect, cap_problems = check_softcaps(model, inputs, stages, spec)
+    problems += token_problems + stage_problems + cap_problems
+    if cap_effect:
+        print(f"  softcap effect: {cap_effect}")
     print(f"  greedy row 0: {batched[0].tolist()}")
     print(f"  greedy row 1: {batched[1].tolist()}")
     print(f"  min greedy margin {margin:.3g}; max |batched - alone| {max(diffs.values()):.3g}")
@@ -249,6 +326,7 @@ def make_one(name: str, entry: dict, out_root: str) -> dict:
             "max_abs_diff_batched_vs_alone": {k: float(f"{v:.3g}") for k, v in sorted(diffs.items())},
             "min_greedy_margin": float(f"{margin:.3g}"),
             "stage_cross_checks_max_abs_diff": {k: float(f"{v:.3g}") for k, v in stage_diffs.items()},
+            "softcap_effect": cap_effect,
             "hf_fp32_vs_fp64_max_abs_diff": noise,
             "max_abs_value": {k: float(f"{float(np.abs(v).max()):.3g}") for k, v in stages.items()},
         },
