@@ -109,6 +109,6 @@ def test_gemma2_layer_types():
     d["text_config"]["layer_types"] = ["full_attention"] * 3
     with pytest.raises(ConfigError, match="layer_types"):
         config_from_dict(d)
-    del d["text_config"]["query_pre_attn_scalar"]
+    del d["text_config"]["layer_types"], d["text_config"]["query_pre_attn_scalar"]
     with pytest.raises(ConfigError, match="query_pre_attn_scalar"):
         config_from_dict(d)
