@@ -70,8 +70,8 @@ def filtered_probs(logits, temperature, top_k=0, top_p=1.0):
         sorted_p = xp.take_along_axis(probs, order, axis=-1)
         mass_before = xp.cumsum(sorted_p, axis=-1) - sorted_p
         keep_sorted = mass_before < top_p                                     # top-1 always kept
-        keep = xp.zeros_like(keep_sorted)
-        xp.put_along_axis(keep, order, keep_sorted, axis=-1)
+        inverse = xp.argsort(order, axis=-1)                                  # undo the sort
+        keep = xp.take_along_axis(keep_sorted, inverse, axis=-1)
         probs = xp.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs

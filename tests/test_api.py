@@ -6,12 +6,14 @@ from PIL import Image
 
 import npvlm
 from npvlm.errors import InputError
+from conftest import BACKENDS
 from tiny_model import write_random_model
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return npvlm.load(write_random_model(tmp_path_factory.mktemp("api") / "model", max_positions=128))
+@pytest.fixture(scope="module", params=BACKENDS)
+def model(request, tmp_path_factory):
+    folder = write_random_model(tmp_path_factory.mktemp("api") / "model", max_positions=128)
+    return npvlm.load(folder, backend=request.param)
 
 
 def _image(seed, shape=(30, 50, 3)):

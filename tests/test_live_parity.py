@@ -9,6 +9,8 @@ import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
 
+from conftest import BACKENDS
+
 pytestmark = pytest.mark.live
 
 # Shapes that differ from the committed goldens: MHA (kv heads = heads), an odd vision width,
@@ -84,9 +86,10 @@ def test_every_key_scheme_loads_the_same_weights(fresh):
             np.testing.assert_array_equal(tree[name], first[name], err_msg=f"{layout}: {name}")
 
 
-def test_fresh_model_every_stage(fresh):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_model_every_stage(fresh, backend):
     name, inputs, stages, _, folders = fresh
-    model = npvlm.load(folders["save_pretrained"])
+    model = npvlm.load(folders["save_pretrained"], backend=backend)
     trace = {}
     model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                   inputs["token_type_ids"], logits_for="all", trace=trace)
@@ -97,18 +100,20 @@ def test_fresh_model_every_stage(fresh):
     assert all(r.ok for r in results), [r.name for r in results if not r.ok]
 
 
-def test_fresh_model_greedy_tokens(fresh):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_model_greedy_tokens(fresh, backend):
     _, inputs, _, tokens, folders = fresh
-    model = npvlm.load(folders["v452_names"])
+    model = npvlm.load(folders["v452_names"], backend=backend)
     ours = greedy_ids(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                       max_new_tokens=tokens.shape[1])
     print(f"\nHF   {tokens.tolist()}\nours {ours.tolist()}")
     np.testing.assert_array_equal(ours, tokens)
 
 
-def test_fresh_model_last_logits(fresh):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_model_last_logits(fresh, backend):
     _, inputs, stages, _, folders = fresh
-    model = npvlm.load(folders["v5_names"])
+    model = npvlm.load(folders["v5_names"], backend=backend)
     logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                            inputs["token_type_ids"])
     r = compare("logits[last]", logits, stages["logits"][:, -1])
