@@ -1,0 +1,376 @@
+"""Benchmark npvlm against HF transformers and against the machine's limits.
+
+    python tools/bench.py                      # 3B-224 shapes + the mid-size model, CPU, writes docs/performance.md
+    python tools/bench.py --sizes mid --repeats 2 --no-write
+    python tools/bench.py --backend cupy --hf-device cuda    # on a GPU machine (tools/gpu_check.sh)
+
+1. Makes, once, random-weight checkpoints in the official hub layout (BF16, sharded) under
+   --cache (default bench_cache/): `pg1-3b-224` with the exact PaliGemma 1 3B-224 shapes, and
+   `pg1-mid` (~0.5 B parameters). Weights are random: speed does not depend on their values.
+2. Runs npvlm and transformers (torch, eager, fp32, same thread count) on the same checkpoint,
+   image and prompt ids, each in its own process: load time, image encode, prefill, time to
+   first token, decode tokens/s over a fixed number of new tokens (eos ignored), peak RSS.
+3. Measures the machine in the same run: GEMM GFLOP/s on the model's matmul shapes, memory
+   bandwidth from a large matrix-vector product, and the time to read + widen the checkpoint.
+4. Prints a markdown table (medians over --repeats) with each npvlm figure as a ratio to HF
+   and as a fraction of its bound, and writes it into docs/performance.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    # PaliGemma 1 3B-224: SigLIP So400m/14 + Gemma 2B (spec §2.1)
+    "3b": {"name": "pg1-3b-224", "image_size": 224, "patch_size": 14,
+           "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+           "text": dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                        num_key_value_heads=1, head_dim=256)},
+    "mid": {"name": "pg1-mid", "image_size": 224, "patch_size": 14,
+            "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            "text": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=1, head_dim=128)},
+}
+VOCAB, IMAGE_TOKEN, BOS, NEWLINE = 257216, 257152, 2, 108
+TEXT_TOKENS = 12   # <bos> + 10 prompt ids + "\n": 256 image + 12 text = 268 prompt tokens at 224 px
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def config_dict(size):
+    s = SIZES[size]
+    t = dict(s["text"], model_type="gemma", vocab_size=VOCAB, max_position_embeddings=8192,
+             hidden_activation="gelu_pytorch_tanh", num_image_tokens=(s["image_size"] // s["patch_size"]) ** 2)
+    v = dict(s["vision"], model_type="siglip_vision_model", image_size=s["image_size"],
+             patch_size=s["patch_size"], projection_dim=t["hidden_size"], vision_use_head=False,
+             hidden_act="gelu_pytorch_tanh")
+    return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "image_token_index": IMAGE_TOKEN,
+            "hidden_size": t["hidden_size"], "projection_dim": t["hidden_size"], "vocab_size": VOCAB,
+            "text_config": t, "vision_config": v, "torch_dtype": "bfloat16"}
+
+
+def make_checkpoint(size, cache, shard_bytes=2_000_000_000):
+    """Random BF16 weights in the hub layout, written shard by shard (bounded memory)."""
+    from npvlm.config import config_from_dict
+    from npvlm.safetensors_io import write_safetensors
+    from npvlm.weights import expected_shapes
+    folder = cache / SIZES[size]["name"]
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    d = config_dict(size)
+    shapes = expected_shapes(config_from_dict(d))
+    groups, current, current_bytes = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if current and current_bytes + nbytes > shard_bytes:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += nbytes
+    groups.append(current)
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for k, names in enumerate(groups, start=1):
+        shard = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            if "norm" in n and n.endswith("weight") and "language_model" in n:
+                tensors[n] = np.zeros(shapes[n], np.float32)            # Gemma RMSNorm: 1 + 0
+            elif "layer_norm" in n or "post_layernorm" in n:
+                tensors[n] = np.ones(shapes[n], np.float32) if n.endswith("weight") else np.zeros(shapes[n], np.float32)
+            else:
+                fan_in = shapes[n][-1] if len(shapes[n]) == 2 else int(np.prod(shapes[n][1:]))
+                tensors[n] = rng.standard_normal(shapes[n], dtype=np.float32) * np.float32(fan_in ** -0.5)
+        write_safetensors(folder / shard, tensors, metadata={"format": "pt"}, dtype="BF16")
+        weight_map.update({n: shard for n in names})
+        print(f"  wrote {shard}", file=sys.stderr, flush=True)
+        del tensors
+    total = 2 * sum(int(np.prod(s)) for s in shapes.values())
+    (folder / "config.json").write_text(json.dumps(d, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
+def bench_inputs(size):
+    s = SIZES[size]
+    n_img = (s["image_size"] // s["patch_size"]) ** 2
+    rng = np.random.default_rng(1)
+    ids = [IMAGE_TOKEN] * n_img + [BOS] + rng.integers(1000, 200000, TEXT_TOKENS - 2).tolist() + [NEWLINE]
+    pixels = rng.uniform(-1, 1, (1, 3, s["image_size"], s["image_size"])).astype(np.float32)
+    return np.array([ids], np.int64), np.ones((1, len(ids)), np.int64), pixels
+
+
+# ---- workers (each in its own process) --------------------------------------------------------
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def worker_npvlm(args):
+    import npvlm
+    from npvlm.backend import synchronize
+    t0 = time.perf_counter()
+    model = npvlm.load(args.model, backend=args.backend)
+    synchronize(model.xp)
+    out = {"load_s": time.perf_counter() - t0}
+    ids, mask, pixels = bench_inputs(args.size)
+    runs = []
+    for _ in range(args.repeats):
+        xp = model.xp
+        t0 = time.perf_counter()
+        image_tokens = model.encode_images(pixels)
+        synchronize(xp)
+        t1 = time.perf_counter()
+        cache = model.new_cache(1, ids.shape[1] + args.new_tokens)
+        logits = model.prefill(ids, mask, image_tokens=image_tokens, cache=cache)
+        token = np.asarray(npvlm.backend.to_host(logits.argmax(-1)))
+        t2 = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            logits = model.decode_step(token, cache)
+            token = np.asarray(npvlm.backend.to_host(logits.argmax(-1)))
+        t3 = time.perf_counter()
+        runs.append({"encode_s": t1 - t0, "prefill_s": t2 - t1, "ttft_s": t2 - t0,
+                     "decode_tok_s": (args.new_tokens - 1) / (t3 - t2)})
+    out.update(median_runs(runs))
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def worker_hf(args):
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+    torch.set_num_threads(args.threads)
+    device = args.hf_device
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+    sync()
+    out = {"load_s": time.perf_counter() - t0}
+    ids, mask, pixels = (torch.from_numpy(a).to(device) for a in bench_inputs(args.size))
+    types = torch.zeros_like(ids)
+    model.generation_config.eos_token_id = None
+    runs = []
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            feats = model.model.get_image_features(pixels).pooler_output
+            sync()
+            t1 = time.perf_counter()
+            # prefill exactly as generate() runs it: whole prompt, cache on, logits for the last position
+            outputs = model(input_ids=ids, attention_mask=mask, token_type_ids=types, pixel_values=pixels,
+                            position_ids=mask.cumsum(-1), use_cache=True, logits_to_keep=1)
+            outputs.logits[:, -1].argmax(-1)
+            sync()
+            t2 = time.perf_counter()
+            gen_t0 = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=mask, token_type_ids=types, pixel_values=pixels,
+                           do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=0)
+            sync()
+            gen = time.perf_counter() - gen_t0
+            ttft_gen = (t2 - t1) + 0.0  # generate's first step = a prefill (image encode included in it)
+            runs.append({"encode_s": t1 - t0, "prefill_s": (t2 - t1), "ttft_s": t2 - t1,
+                         "decode_tok_s": (args.new_tokens - 1) / max(1e-9, gen - ttft_gen)})
+            del feats, outputs
+    out.update(median_runs(runs))
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def median_runs(runs):
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+# ---- machine limits ---------------------------------------------------------------------------
+
+def machine_limits(size, repeats=5):
+    """GEMM GFLOP/s on the model's prefill shapes; bandwidth GB/s of a 1 GiB fp32 matrix-vector."""
+    s = SIZES[size]
+    T, D, F = 256 + TEXT_TOKENS, s["text"]["hidden_size"], s["text"]["intermediate_size"]
+    Dv, Fv = s["vision"]["hidden_size"], s["vision"]["intermediate_size"]
+    shapes = [(T, D, F), (T, F, D), (T, D, D), (256, Dv, Fv), (256, Fv, Dv)]
+    rng = np.random.default_rng(0)
+    flops, secs = 0.0, 0.0
+    for m, k, n in shapes:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        a @ b
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            t.append(time.perf_counter() - t0)
+        flops += 2 * m * k * n
+        secs += statistics.median(t)
+    gemm = flops / secs / 1e9
+    w = rng.standard_normal((16384, 16384), dtype=np.float32)     # 1 GiB
+    x = rng.standard_normal(16384, dtype=np.float32)
+    w @ x
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w @ x
+        t.append(time.perf_counter() - t0)
+    bandwidth = w.nbytes / statistics.median(t) / 1e9
+    return {"gemm_gflops": gemm, "bandwidth_gbs": bandwidth}
+
+
+def read_widen_seconds(folder):
+    """Time to read every checkpoint byte and widen BF16 -> fp32 (the floor for `load`)."""
+    from npvlm.safetensors_io import SafetensorsFile
+    t0 = time.perf_counter()
+    for path in sorted(folder.glob("*.safetensors")):
+        with SafetensorsFile(path) as f:
+            for k in f.keys():
+                f.read(k)
+    return time.perf_counter() - t0
+
+
+def model_costs(size):
+    """(decode bytes per token: decoder + lm_head weights in fp32, prefill FLOPs)."""
+    s = SIZES[size]
+    t, v = s["text"], s["vision"]
+    D, F, L, Hq, Hk, E = (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
+                          t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"])
+    per_layer = D * Hq * E * 2 + D * Hk * E * 2 + 3 * D * F
+    decoder_params = L * per_layer + VOCAB * D
+    T = 256 + TEXT_TOKENS
+    Dv, Fv, Lv, N = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], 256
+    vision_flops = Lv * (2 * N * (4 * Dv * Dv + 2 * Dv * Fv) + 4 * N * N * Dv) + 2 * N * 3 * 14 * 14 * Dv
+    text_flops = L * (2 * T * per_layer + 4 * T * T * Hq * E) + 2 * N * Dv * D + 2 * D * VOCAB
+    return decoder_params * 4, vision_flops + text_flops
+
+
+# ---- driver -----------------------------------------------------------------------------------
+
+def run_worker(kind, size, folder, args):
+    cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--model", str(folder),
+           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine_info(args):
+    import importlib.metadata as md
+    info = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+            "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        info["blas"] = ", ".join(f"{p['internal_api']} {p.get('version')} ({p.get('architecture')}, "
+                                 f"{p['num_threads']} threads)" for p in blas)
+    except ImportError:
+        info["blas"] = "threadpoolctl not installed"
+    for pkg in ("torch", "transformers"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def table(size, npv, hf, limits, read_widen, info):
+    bytes_per_token, flops = model_costs(size)
+    decode_bound = limits["bandwidth_gbs"] * 1e9 / bytes_per_token          # tok/s
+    prefill_bound_s = flops / (limits["gemm_gflops"] * 1e9)
+    prompt = 256 + TEXT_TOKENS
+    rows = [
+        ("load (s)", npv["load_s"], hf["load_s"], f"read+widen floor {read_widen:.2f} s: {npv['load_s'] / read_widen:.2f}x"),
+        ("image encode (s)", npv["encode_s"], hf["encode_s"], ""),
+        ("prefill incl. encode (s)", npv["ttft_s"], hf["ttft_s"] + hf["encode_s"] * 0, f"GEMM bound {prefill_bound_s:.2f} s: {prefill_bound_s / npv['ttft_s']:.0%} of bound"),
+        ("prefill tokens/s", prompt / npv["ttft_s"], prompt / hf["ttft_s"], ""),
+        ("time to first token (s)", npv["ttft_s"], hf["ttft_s"], ""),
+        ("decode tokens/s", npv["decode_tok_s"], hf["decode_tok_s"], f"bandwidth bound {decode_bound:.2f} tok/s: {npv['decode_tok_s'] / decode_bound:.0%} of bound"),
+        ("peak RSS (GB)", npv["peak_rss_gb"], hf["peak_rss_gb"], f"fp32 weights {model_params_bytes(size) / 1e9:.2f} GB"),
+    ]
+    lines = [f"### {SIZES[size]['name']}", "",
+             "| metric | npvlm | transformers | npvlm / HF | vs the machine |", "|---|---|---|---|---|"]
+    for name, a, b, note in rows:
+        lines.append(f"| {name} | {a:.3g} | {b:.3g} | {a / b:.2f} | {note} |")
+    return "\n".join(lines)
+
+
+def model_params_bytes(size):
+    from npvlm.config import config_from_dict
+    from npvlm.weights import expected_shapes
+    return 4 * sum(int(np.prod(s)) for s in expected_shapes(config_from_dict(config_dict(size))).values())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["3b", "mid"], choices=sorted(SIZES))
+    p.add_argument("--cache", type=Path, default=ROOT / "bench_cache")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--hf-device", default="cpu")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--worker", choices=["npvlm", "hf"])
+    p.add_argument("--size", choices=sorted(SIZES))
+    p.add_argument("--model")
+    args = p.parse_args()
+    if args.worker:
+        out = (worker_npvlm if args.worker == "npvlm" else worker_hf)(args)
+        print(json.dumps(out))
+        return
+    info = machine_info(args)
+    sections = []
+    for size in args.sizes:
+        print(f"[{size}] checkpoint", file=sys.stderr, flush=True)
+        folder = make_checkpoint(size, args.cache)
+        limits = machine_limits(size)
+        read_widen = read_widen_seconds(folder)
+        print(f"[{size}] npvlm", file=sys.stderr, flush=True)
+        npv = run_worker("npvlm", size, folder, args)
+        print(f"[{size}] transformers", file=sys.stderr, flush=True)
+        hf = run_worker("hf", size, folder, args)
+        sections.append(table(size, npv, hf, limits, read_widen, info) + "\n\n"
+                        + f"Machine: GEMM {limits['gemm_gflops']:.0f} GFLOP/s on the model's prefill matmul shapes, "
+                          f"memory bandwidth {limits['bandwidth_gbs']:.1f} GB/s (1 GiB fp32 matrix-vector).\n"
+                        + "Raw: " + json.dumps({"npvlm": npv, "transformers": hf, "limits": limits,
+                                                "read_widen_s": read_widen}, default=float))
+    header = ("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())
+              + f". {args.new_tokens} new tokens (eos ignored), medians of {args.repeats} runs, "
+                f"backend {args.backend}, HF device {args.hf_device}, fp32, eager attention.")
+    report = header + "\n\n" + "\n\n".join(sections)
+    print(report)
+    if not args.no_write:
+        doc = ROOT / "docs" / "performance.md"
+        text = doc.read_text() if doc.is_file() else ""
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if start in text and end in text:
+            text = text[:text.index(start) + len(start)] + "\n" + report + "\n" + text[text.index(end):]
+        else:
+            text += f"\n{start}\n{report}\n{end}\n"
+        from npvlm.io import write_text_atomic
+        write_text_atomic(doc, text)
+
+
+if __name__ == "__main__":
+    main()
