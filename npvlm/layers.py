@@ -14,8 +14,11 @@ from .backend import array_module
 
 
 def linear(x, weight, bias=None):
-    """x @ W + b with W stored [in, out] (transposed once at load).  # [..., in] -> [..., out]"""
-    y = x @ weight
+    """x @ W^T + b, W in PyTorch's Linear layout [out, in] (as in the checkpoint, so every weight
+    equals HF's tensor). The transpose is a free view: BLAS reads W^T directly, at the same speed
+    as a pre-transposed copy, for matrices (prefill) and vectors (decode) alike.
+    # [..., in] -> [..., out]"""
+    y = x @ weight.T
     if bias is not None:
         y += bias
     return y

@@ -8,11 +8,12 @@ All checkpoint surgery happens here, once, through explicit tables:
 3. `expected_shapes(cfg)` lists every tensor the config implies, with its shape; loading fails
    with one error listing every missing, unexpected or mis-shaped tensor (layer indices
    collapsed), before any tensor data is read.
-4. Tensors are widened to fp32 (BF16 exactly, by a 16-bit shift) one at a time, and linear
-   weights are transposed from PyTorch's `[out, in]` to `[in, out]`, so compute is `x @ w`.
+4. Tensors are widened to fp32 (BF16 exactly, by a 16-bit shift) one at a time and kept in
+   PyTorch's layout (Linear weights `[out, in]`; compute is `x @ w.T`, a free transposed view),
+   so every array equals the checkpoint's tensor; only the patch-embedding kernel is reshaped.
 
 The result is a nested dict that mirrors the Hugging Face module tree:
-`params["text"]["layers"][3]["self_attn"]["q_proj"]["weight"]` is `[D, Hq*E]`.
+`params["text"]["layers"][3]["self_attn"]["q_proj"]["weight"]` is `[Hq*E, D]`.
 """
 
 import json
@@ -46,10 +47,6 @@ SKIP_RULES = [
      "SigLIP attention-pooling head: PaliGemma uses every patch token, never the pooled vector"),
     (r"\.rotary_emb\.inv_freq$", "RoPE frequencies are recomputed from rope_theta"),
 ]
-
-# Which checkpoint tensors are PyTorch Linear weights, stored [out, in], used here as [in, out].
-_LINEAR = re.compile(r"(_proj|\.fc1|\.fc2|linear)\.weight$")
-
 
 def canonical_name(key):
     """The official hub name of a checkpoint key written by any transformers version."""
@@ -189,10 +186,9 @@ def _to_tree(flat):
 def _convert(name, array, cfg):
     """The one place where checkpoint layout becomes compute layout."""
     if name.endswith("patch_embedding.weight"):
-        # Conv2d [Dv, C, P, P] -> matmul weight [C*P*P, Dv]: a patch flattened in (C, P, P) order
-        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
-    if _LINEAR.search(name):
-        return np.ascontiguousarray(array.T)  # [out, in] -> [in, out], so compute is x @ w
+        # Conv2d [Dv, C, P, P] -> Linear weight [Dv, C*P*P] (a view): patches flattened in
+        # (C, P, P) order times its transpose are the stride-P convolution
+        return array.reshape(array.shape[0], -1)
     return array
 
 
