@@ -37,7 +37,10 @@ def parse_args(argv):
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, "
                    "timings, detected objects")
-    p.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes and labels")
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes, labels "
+                   "and (with --vae) segmentation masks")
+    p.add_argument("--vae", metavar="vae-oid.npz", help="big_vision's VQ-VAE mask decoder, to turn the "
+                   "<seg> tokens of `segment ...` answers into masks (gs://big_vision/paligemma/vae-oid.npz)")
     p.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
                    help="map <locNNNN> bins to pixels as bin/1024*size (public demo, default) or bin/1023 (big_vision)")
     p.add_argument("--allow-huge-image", action="store_true",
@@ -66,14 +69,17 @@ def run(args):
     import npvlm
     from npvlm.errors import InputError
     from npvlm.image import load_image
-    from npvlm.io import check_writable, save_image_atomic
+    from npvlm.io import check_writable, image_format, save_image_atomic
     from npvlm.model import SAMPLE_SCENE
     from npvlm.sampling import SamplingOptions
 
     try:
         args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("the prompt is not valid UTF-8 text") from None
+    except UnicodeEncodeError as e:   # argv bytes that are not UTF-8 arrive as lone surrogates
+        ch = args.prompt[e.start]
+        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"U+{ord(ch):04X}"
+        raise InputError(f"the prompt is not valid UTF-8 text ({what} at character {e.start}); "
+                         "pass it in UTF-8") from None
     # every check that needs no model runs before the (slow) load
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_new_tokens < 1:
@@ -81,7 +87,12 @@ def run(args):
     image_path = SAMPLE_SCENE if args.image is None else args.image
     if args.draw:
         check_writable(args.draw, inputs=[image_path])
+        image_format(args.draw)
     image = load_image(image_path, allow_huge=args.allow_huge_image)
+    vae = None
+    if args.vae:
+        from npvlm.segmentation import load_vae
+        vae = load_vae(args.vae)
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.backend})", file=sys.stderr)
@@ -105,13 +116,23 @@ def run(args):
     found = result.detections(args.loc_divisor)
     for problem in found.problems:
         print(f"warning: malformed detection record {problem.text!r}: {problem.reason}", file=sys.stderr)
+    masks = [None] * len(found.objects)
+    if any(o.seg is not None for o in found.objects):
+        if vae is None:
+            print("note: the answer has segmentation codes; to turn them into masks pass --vae "
+                  "vae-oid.npz (download it from gs://big_vision/paligemma/vae-oid.npz)", file=sys.stderr)
+        else:
+            from npvlm.segmentation import object_masks
+            masks = object_masks(found.objects, vae, image.width, image.height)
     if args.draw:
         from npvlm.draw import draw_objects
-        save_image_atomic(draw_objects(image, found.objects), args.draw)
+        save_image_atomic(draw_objects(image, found.objects, masks), args.draw)
         print(f"drew {len(found.objects)} object(s) to {args.draw}", file=sys.stderr)
     if args.json:
         objects = [{"label": o.label, "box_yxyx": [round(v, 2) for v in o.box], "loc_bins": list(o.bins),
-                    "seg_codes": list(o.seg) if o.seg else None} for o in found.objects]
+                    "seg_codes": list(o.seg) if o.seg else None,
+                    "mask_pixels": None if m is None else int(m.sum())}
+                   for o, m in zip(found.objects, masks)]
         print(json.dumps({"text": result.text, "tokens": result.tokens,
                           "finish_reason": result.finish_reason, "timings": result.timings,
                           "objects": objects,

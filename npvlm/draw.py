@@ -1,27 +1,63 @@
-"""Drawing detections onto an image (boxes and labels), for `run.py --draw` and notebooks."""
+"""Drawing detections onto an image (masks, boxes and labels), for `run.py --draw` and notebooks."""
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InputError
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0)]
+MASK_ALPHA = 0.45   # opacity of a mask pixel whose mask value is 1
 
 
-def draw_objects(image, objects, scale=None):
-    """A copy of `image` (PIL, RGB) with each object's box and label drawn. Boxes are in the
-    image's own pixels (y_min, x_min, y_max, x_max). Small images are upscaled first (nearest) so
-    labels stay readable; `scale` overrides the factor."""
+def _mask_alpha(masks, n_objects, width, height):
+    """Check `masks` and return float32 [H, W] alphas in [0, 1] (None where an object has none)."""
+    if not isinstance(masks, (list, tuple)) or len(masks) != n_objects:
+        got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+        raise InputError(f"masks must be a list with one [H, W] mask (or None) per object: "
+                         f"{n_objects} object(s), got {got}")
+    out = []
+    for i, m in enumerate(masks):
+        if m is None:
+            out.append(None)
+            continue
+        m = np.asarray(m)
+        if m.shape != (height, width):
+            raise InputError(f"mask {i} has shape {list(m.shape)}; "
+                             f"the image needs [{height}, {width}] (H, W)")
+        out.append(np.clip(m.astype(np.float32), 0.0, 1.0))   # bool -> 0/1, soft masks kept
+    return out
+
+
+def draw_objects(image, objects, masks=None, scale=None, alpha=MASK_ALPHA):
+    """A copy of `image` (PIL, RGB) with each object's mask, box and label drawn, in that order
+    (masks under the boxes, labels on top).
+
+    objects: DetectedObject-like (.label, .box = (y_min, x_min, y_max, x_max) in the image's own
+    pixels). masks: None, or one entry per object: None, or a full-image bool/float [H, W] mask
+    (`segmentation.paste_mask`), tinted translucently in the object's color (opacity `alpha`
+    times the mask value). Small images are upscaled first (nearest) so labels stay readable;
+    `scale` overrides the factor."""
     image = image.convert("RGB")
+    alphas = None if masks is None else _mask_alpha(masks, len(objects), image.width, image.height)
     if scale is None:
         scale = max(1, 384 // max(image.size))
+    labels = sorted({o.label for o in objects})
+    colors = [PALETTE[labels.index(o.label) % len(PALETTE)] for o in objects]
+    if alphas is not None and any(a is not None for a in alphas):
+        rgb = np.asarray(image, dtype=np.float32)                     # [H, W, 3]
+        for a, color in zip(alphas, colors):
+            if a is not None:
+                a = (alpha * a)[..., None]                            # [H, W, 1]
+                rgb = rgb * (1 - a) + np.asarray(color, np.float32) * a
+        image = Image.fromarray(np.round(rgb).astype(np.uint8))
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     out = image.copy()
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     width = max(1, round(max(out.size) / 200))
-    labels = sorted({o.label for o in objects})
-    for o in objects:
-        color = PALETTE[labels.index(o.label) % len(PALETTE)]
+    for o, color in zip(objects, colors):
         y1, x1, y2, x2 = (v * scale for v in o.box)
         draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
         tx, ty = x1 + width, max(0, y1 - 12) if y1 >= 12 else y1 + width
