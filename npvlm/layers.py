@@ -47,9 +47,22 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def gelu_tanh(x):
     """GELU, tanh approximation (`gelu_pytorch_tanh`):
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Computed in place in one scratch array: on the MLP activations ([T, F], the largest
+    elementwise work in prefill) each temporary would cost a full pass over memory. Same
+    operations in the same order as the formula, so the same rounding."""
     xp = array_module(x)
-    return 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+    t = x * x
+    t *= x
+    t *= 0.044715
+    t += x
+    t *= _SQRT_2_OVER_PI
+    xp.tanh(t, out=t)
+    t += 1.0
+    t *= x
+    t *= 0.5          # exact (a power of two), so equal to multiplying 0.5 * x first
+    return t
 
 
 def softmax(x, axis=-1):
