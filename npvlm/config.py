@@ -245,4 +245,9 @@ def load_config(model_dir):
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(d)
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:   # name the file the user passed, not just "config.json"
+        msg = str(e)
+        raise ConfigError(f"{path}{msg[len('config.json'):]}" if msg.startswith("config.json:")
+                          else f"{path}: {msg}") from None

@@ -103,7 +103,8 @@ def _header_size(path):
 def _too_big(path, size, limit):
     what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "too many pixels"
     return InputError(f"{path}: image has {what}, over Pillow's decompression-bomb limit of "
-                      f"{limit} pixels; pass allow_huge=True if you trust the file")
+                      f"{limit} pixels; if you trust the file, pass allow_huge=True "
+                      "(run.py: --allow-huge-image)")
 
 
 # ---- arrays ---------------------------------------------------------------------------------

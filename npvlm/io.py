@@ -2,7 +2,7 @@
 crash or a full disk never leaves a half-written output (and never a truncated original)."""
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .errors import InputError
@@ -20,27 +20,49 @@ def check_writable(path, inputs=()):
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name such as out.png")
     folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{path}: {folder} is a file, not a folder; choose an output path in an "
+                         "existing folder")
     if not folder.is_dir():
-        raise InputError(f"{path}: folder {folder} does not exist")
+        raise InputError(f"{path}: folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: folder {folder} is not writable")
+        raise InputError(f"{path}: folder {folder} is not writable; choose another folder")
     return path
+
+
+def image_format(path):
+    """The Pillow format name for an output file's extension (.png -> "PNG"); InputError if none."""
+    from PIL import Image  # noqa: PLC0415
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"{path}: unknown image extension {Path(path).suffix!r}; use .png or .jpg")
+    return fmt
 
 
 def _write_atomic(path, write):
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    folder = path.parent if str(path.parent) else Path(".")
+    # O_EXCL with mode 0o666: a fresh name, and the permissions a plain open() would give
+    # (the umask applies), unlike tempfile.mkstemp's 0o600
+    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):   # a full disk, a vanished folder: the old file is untouched
+            raise InputError(f"{path}: cannot write ({e.strerror or e}); any previous file there "
+                             "is unchanged") from None
         raise
 
 
@@ -50,8 +72,5 @@ def write_text_atomic(path, text):
 
 def save_image_atomic(image, path):
     """Save a PIL image; the format comes from the file extension."""
-    from PIL import Image  # noqa: PLC0415
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
-    if fmt is None:
-        raise InputError(f"{path}: unknown image extension; use .png or .jpg")
+    fmt = image_format(path)
     _write_atomic(path, lambda f: image.save(f, format=fmt))

@@ -42,6 +42,16 @@ def seg_token(i):
     return f"<seg{i:03d}>"
 
 
+def _check_utf8(text, what):
+    """A str with lone surrogates (e.g. bytes decoded with surrogateescape) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the {what} {text[:40]!r} is not valid UTF-8 text: it holds a lone surrogate "
+                         f"{text[e.start]!r} at character {e.start}; decode the bytes as UTF-8 "
+                         "first") from None
+
+
 def _fffd_or_text(run):
     """HF `decoders.ByteFallback`: a byte run decodes as UTF-8, or every byte becomes U+FFFD."""
     try:
@@ -178,6 +188,7 @@ class Tokenizer:
         """
         if not isinstance(prompt, str):
             raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
+        _check_utf8(prompt, "prompt")
         n_images = prompt.count(IMAGE_TOKEN)
         if n_images > 1:
             raise InputError(f"the prompt holds {n_images} {IMAGE_TOKEN} tokens; npvlm takes one "
@@ -193,6 +204,7 @@ class Tokenizer:
         if suffix is not None:
             if not isinstance(suffix, str):
                 raise InputError(f"a suffix must be a string, got {type(suffix).__name__}")
+            _check_utf8(suffix, "suffix")
             # HF appends the eos *string* and tokenizes suffix as text_pair; <image> in a suffix
             # is not expanded there (only `text` goes through the image-token replacement)
             tail = self.encode(suffix + self.sp.id_to_piece(self.eos_id))

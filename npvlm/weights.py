@@ -131,6 +131,13 @@ def collapse_layers(names):
     return sorted(out)
 
 
+def _listing(names, limit=10):
+    """collapse_layers(names) joined for a message, at most `limit` entries, then a count."""
+    items = collapse_layers(names)
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def checkpoint_files(model_dir):
     """The safetensors files of a model folder: `model.safetensors`, or the shards named by
     `model.safetensors.index.json` (its weight_map; the shard count is never assumed).
@@ -218,7 +225,7 @@ def load_params(model_dir, cfg):
                 stray = [k for k in keys if weight_map.get(k) != path.name]
                 if stray:
                     problems.append(f"{path.name} holds tensors the index does not assign to it: "
-                                    + ", ".join(collapse_layers(stray)))
+                                    + _listing(stray))
             for key in keys:
                 name = canonical_name(key)
                 if name in located:
@@ -229,7 +236,7 @@ def load_params(model_dir, cfg):
             absent = [k for k in weight_map if k not in present]
             if absent:
                 problems.append("index names tensors that are in no shard: "
-                                + ", ".join(collapse_layers(absent)))
+                                + _listing(absent))
 
         expected = expected_shapes(cfg)
         missing = [n for n in expected if n not in located]
@@ -242,13 +249,14 @@ def load_params(model_dir, cfg):
                 mis_shaped.append(f"{LM_HEAD} is {list(f.shape(key))}, expected the embedding's "
                                   f"{list(expected[TEXT + 'embed_tokens.weight'])}")
         if missing:
-            problems.append(f"missing {len(missing)} tensor(s): " + ", ".join(collapse_layers(missing)))
+            problems.append(f"missing {len(missing)} tensor(s): " + _listing(missing))
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected tensor(s) (not PaliGemma "
                             f"{cfg.text.model_type}, or a config that does not match the weights): "
-                            + ", ".join(collapse_layers(unexpected)))
+                            + _listing(unexpected))
         if mis_shaped:
-            problems.append("shape differs from config.json: " + "; ".join(mis_shaped))
+            more = f"; ... ({len(mis_shaped) - 10} more)" if len(mis_shaped) > 10 else ""
+            problems.append("shape differs from config.json: " + "; ".join(mis_shaped[:10]) + more)
         if problems:
             raise CheckpointError(f"{model_dir}: checkpoint does not match config.json: "
                                   + " | ".join(problems))
