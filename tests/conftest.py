@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def param_leaves(tree, prefix=""):
+    """(dotted name, array) for every array of a nested dict/list parameter tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from param_leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from param_leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
+
+
 def pinned_transformers():
     """The transformers version that setup.cfg's [reference] extra pins."""
     cfg = configparser.ConfigParser()

@@ -9,7 +9,7 @@ import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
 
-from conftest import BACKENDS
+from conftest import BACKENDS, param_leaves
 
 pytestmark = pytest.mark.live
 
@@ -65,20 +65,11 @@ def fresh(request, torch_and_transformers, tmp_path_factory):
     return request.param, inputs, stages, tokens, folders
 
 
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], tree
 
 
 def test_every_key_scheme_loads_the_same_weights(fresh):
     _, _, _, _, folders = fresh
-    trees = {layout: dict(_leaves(npvlm.load(folder).params)) for layout, folder in folders.items()}
+    trees = {layout: dict(param_leaves(npvlm.load(folder).params)) for layout, folder in folders.items()}
     first = trees.pop("save_pretrained")
     for layout, tree in trees.items():
         assert tree.keys() == first.keys(), layout

@@ -12,7 +12,7 @@ from npvlm.errors import CheckpointError
 from npvlm.safetensors_io import SafetensorsFile, write_safetensors
 from npvlm.weights import canonical_name, collapse_layers
 
-from conftest import GOLDENS, golden_meta
+from conftest import GOLDENS, golden_meta, param_leaves
 
 
 def _read_all(path):
@@ -36,15 +36,6 @@ def _rewrite(folder, change):
     write_safetensors(folder / "model.safetensors", tensors)
 
 
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], tree
 
 
 @pytest.mark.parametrize("key, canonical", [
@@ -90,7 +81,7 @@ def test_f16_checkpoint_loads(f32_folder):
     tensors = _read_all(f32_folder / "model.safetensors")
     write_safetensors(f32_folder / "model.safetensors", {k: v.astype(np.float16) for k, v in tensors.items()})
     half = npvlm.load(f32_folder)
-    for (name, a), (_, b) in zip(_leaves(ref.params), _leaves(half.params)):
+    for (name, a), (_, b) in zip(param_leaves(ref.params), param_leaves(half.params)):
         np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32), err_msg=name)
 
 
@@ -190,7 +181,7 @@ def test_bf16_load_holds_fp32_weights_plus_one_tensor():
     model = npvlm.load(folder)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    sizes = [a.nbytes for _, a in _leaves(model.params)]
+    sizes = [a.nbytes for _, a in param_leaves(model.params)]
     total, largest = sum(sizes), max(sizes)
     print(f"\nfp32 weights {total} B, largest tensor {largest} B, peak {peak} B")
     assert peak <= total + 2 * largest + 256 * 1024

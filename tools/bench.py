@@ -204,6 +204,17 @@ def median_runs(runs):
 
 # ---- machine limits ---------------------------------------------------------------------------
 
+def median_time(f, repeats):
+    """Median wall time of f() over `repeats` calls, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def machine_limits(size, repeats=5):
     """GEMM GFLOP/s on the model's prefill shapes; bandwidth GB/s of a 1 GiB fp32 matrix-vector."""
     s = SIZES[size]
@@ -215,24 +226,12 @@ def machine_limits(size, repeats=5):
     for m, k, n in shapes:
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
-        a @ b
-        t = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            t.append(time.perf_counter() - t0)
         flops += 2 * m * k * n
-        secs += statistics.median(t)
+        secs += median_time(lambda: a @ b, repeats)
     gemm = flops / secs / 1e9
     w = rng.standard_normal((16384, 16384), dtype=np.float32)     # 1 GiB
     x = rng.standard_normal(16384, dtype=np.float32)
-    w @ x
-    t = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        w @ x
-        t.append(time.perf_counter() - t0)
-    bandwidth = w.nbytes / statistics.median(t) / 1e9
+    bandwidth = w.nbytes / median_time(lambda: w @ x, repeats) / 1e9
     return {"gemm_gflops": gemm, "bandwidth_gbs": bandwidth}
 
 

@@ -1,0 +1,71 @@
+"""The embedded demo model: it loads by name, answers the bundled scene, and its detections
+land on the scene's true boxes (detection parsing and drawing end to end)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import npvlm
+from npvlm.detection import iou
+from npvlm.model import DEMO_MODEL, SAMPLE_SCENE
+from npvlm.scenes import caption, make_scene
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
+                                reason="the demo model is not exported (python tools/train_demo.py)")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return npvlm.load("demo")
+
+
+def test_demo_is_small_and_complete():
+    size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir())
+    assert size <= 16 * 1024 * 1024
+    assert (DEMO_MODEL / "tokenizer.model").is_file()
+
+
+def test_demo_answers_the_sample_scene(demo):
+    scene = make_scene(22)
+    out = demo.generate(str(SAMPLE_SCENE), "caption en", max_new_tokens=32)
+    assert out.text == caption(scene) == "a red circle, a blue square and a green triangle"
+    assert demo.generate(str(SAMPLE_SCENE), "answer en how many shapes are there?").text == "3"
+
+
+def test_demo_detections_hit_the_true_boxes(demo):
+    """Boxes parsed from the demo's `detect` answers cover most true objects at IoU >= 0.5."""
+    found = total = 0
+    for seed in range(1000, 1010):
+        scene = make_scene(seed)
+        for shape in sorted({o.shape for o in scene.objects}):
+            out = demo.generate(scene.image, f"detect {shape}", max_new_tokens=48)
+            boxes = out.detections(divisor=1023).objects
+            for truth in (o for o in scene.objects if o.shape == shape):
+                total += 1
+                found += any(b.label == shape and iou(b.box, truth.box) >= 0.5 for b in boxes)
+    print(f"\n{found}/{total} true objects found at IoU >= 0.5")
+    assert found >= 0.7 * total
+
+
+def test_run_py_defaults_to_the_demo(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "run.py")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "a red circle, a blue square and a green triangle"
+
+
+def test_run_py_draws_detections(tmp_path):
+    out = tmp_path / "boxes.png"
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), str(SAMPLE_SCENE), "detect circle ; triangle",
+                        "--draw", str(out), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    objects = json.loads(r.stdout)["objects"]
+    assert {o["label"] for o in objects} == {"circle", "triangle"}
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    assert drawn.shape[0] >= 128 and not np.array_equal(drawn[::3, ::3], drawn[::3, ::3][0, 0])
+    assert not list(tmp_path.glob(".*.tmp"))
