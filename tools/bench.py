@@ -12,7 +12,7 @@
    first token, decode tokens/s over a fixed number of new tokens (eos ignored), peak RSS.
 3. Measures the machine in the same run: GEMM GFLOP/s on the model's matmul shapes, memory
    bandwidth from a large matrix-vector product, and the time to read + widen the checkpoint.
-4. Prints a markdown table (medians over --repeats) with each npvlm figure as a ratio to HF
+4. Prints a markdown table (medians over --repeats, after one warm-up run) with each npvlm figure as a ratio to HF
    and as a fraction of its bound, and writes it into docs/performance.md.
 """
 
@@ -136,7 +136,7 @@ def worker_npvlm(args):
     out = {"load_s": time.perf_counter() - t0}
     ids, mask, pixels = bench_inputs(args.size)
     runs = []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats + 1):          # the first run warms up and is dropped
         xp = model.xp
         t0 = time.perf_counter()
         image_tokens = model.encode_images(pixels)
@@ -152,7 +152,7 @@ def worker_npvlm(args):
         t3 = time.perf_counter()
         runs.append({"encode_s": t1 - t0, "prefill_s": t2 - t1, "ttft_s": t2 - t0,
                      "decode_tok_s": (args.new_tokens - 1) / (t3 - t2)})
-    out.update(median_runs(runs))
+    out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -173,7 +173,7 @@ def worker_hf(args):
     model.generation_config.eos_token_id = None
     runs = []
     with torch.inference_mode():
-        for _ in range(args.repeats):
+        for _ in range(args.repeats + 1):      # the first run warms up and is dropped
             t0 = time.perf_counter()
             feats = model.model.get_image_features(pixels).pooler_output
             sync()
@@ -193,7 +193,7 @@ def worker_hf(args):
             runs.append({"encode_s": t1 - t0, "prefill_s": ttft - (t1 - t0), "ttft_s": ttft,
                          "decode_tok_s": (args.new_tokens - 1) / max(1e-9, gen - ttft)})
             del feats, outputs
-    out.update(median_runs(runs))
+    out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
