@@ -113,7 +113,7 @@ def run(args):
           f"({t['prefill_tokens']} tokens), decode {len(result.tokens)} tokens"
           + (f" at {t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else ""),
           file=sys.stderr)
-    found = result.detections(args.loc_divisor)
+    found = result.detections(args.loc_divisor)   # empty unless the answer holds <loc> tokens
     for problem in found.problems:
         print(f"warning: malformed detection record {problem.text!r}: {problem.reason}", file=sys.stderr)
     masks = [None] * len(found.objects)

@@ -31,8 +31,12 @@ class Generation:
 
     def detections(self, divisor=1024):
         """The `<loc>`/`<seg>` records of the text as objects with boxes in the original image's
-        pixels, plus any malformed records (npvlm.detection.parse_detections)."""
-        from .detection import parse_detections  # noqa: PLC0415
+        pixels, plus any malformed records (npvlm.detection.parse_detections). An answer without
+        any `<loc>` token (a caption, a VQA answer) is not a detection answer: no objects, no
+        problems."""
+        from .detection import ParseResult, parse_detections  # noqa: PLC0415
+        if "<loc" not in self.text:
+            return ParseResult((), ())
         width, height = self.image_size
         return parse_detections(self.text, width, height, divisor)
 

@@ -1,0 +1,256 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Overview: from an image file to an answer
+#
+# **Goal.** Run the whole of PaliGemma once, stage by stage, on a demo scene: read the file,
+# preprocess it, turn it into image tokens, read the prompt, and write the answer token by token.
+# Each later notebook opens one of these stages.
+#
+# PaliGemma is a SigLIP vision encoder, one linear projector and a Gemma decoder. The decoder
+# reads the image tokens, then `<bos>`, the prompt and `"\n"`, and predicts the answer one token
+# at a time:
+#
+# $$
+# p(y_t \mid y_{<t}, x, \text{prompt}) =
+# \operatorname{softmax}\Big(\operatorname{Gemma}\big[\,W\,\operatorname{SigLIP}(x) + b;\;
+# \sqrt{D}\,E_{\text{prompt}};\; \sqrt{D}\,E_{y_{<t}}\big]_{\text{last}}\; E^{\top}\Big)
+# $$
+#
+# with $E$ the token embedding table (shared with the output layer) and $D$ the decoder width.
+#
+# | stage | npvlm | notebook |
+# |---|---|---|
+# | file → RGB image → `pixel_values [B, 3, S, S]` | `npvlm.image` | 01 |
+# | patches → `[B, N, D_v]` | `siglip.patch_embed` | 02 |
+# | SigLIP encoder layers | `siglip.encoder_layer` | 03 |
+# | projector, merge with the text embeddings | `paligemma.encode_images`, `merge_embeddings` | 04 |
+# | Gemma layers | `gemma.gemma_block` | 05 |
+# | prefix-LM mask, prefill, KV cache, decode | `attention.prefix_lm_mask`, `paligemma.prefill`, `decode_step` | 06 |
+# | choosing the next token | `sampling.choose` | 07 |
+# | `<loc>`/`<seg>` tokens → boxes and masks | `detection`, `segmentation`, `draw` | 08 |
+# | PaliGemma 2 | `gemma.gemma2_block` | 09 |
+
+# %%
+# The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
+# (npvlm/demo_model, trained on the synthetic shape scenes of npvlm.scenes). Set MODEL to a real
+# checkpoint folder instead, e.g. a downloaded google/paligemma-3b-mix-224 (docs/checkpoints.md),
+# and the notebook runs unchanged on it: every size below is read from model.cfg. (A 3B model in
+# fp32 needs ~12 GB of memory and runs much slower on a CPU.)
+MODEL = "demo"
+
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import npvlm
+from npvlm.trace import compare, compare_stages
+
+plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
+GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
+
+t0 = time.perf_counter()
+model = npvlm.load(MODEL)
+cfg = model.cfg
+print(f"loaded in {time.perf_counter() - t0:.2f} s: {model}")
+v, t = cfg.vision, cfg.text
+print(f"SigLIP: image {v.image_size}px, patch {v.patch_size}px -> N = {cfg.num_image_tokens} tokens, "
+      f"{v.num_hidden_layers} layers x width {v.hidden_size}, {v.num_attention_heads} heads")
+print(f"Gemma:  {t.num_hidden_layers} layers x width D = {t.hidden_size}, {t.num_attention_heads} query heads, "
+      f"{t.num_key_value_heads} K/V head(s), head dim {t.head_dim}, vocab V = {t.vocab_size}")
+
+# %% [markdown]
+# ## 1. The file
+#
+# `npvlm/samples/scene.png` is a scene of the demo world (`npvlm.scenes.make_scene(22)`): 1–3
+# colored shapes on a light background. `load_image` reads any file Pillow reads (or a PIL image,
+# or an array) into an upright RGB image.
+
+# %%
+from npvlm.image import load_image
+from npvlm.model import SAMPLE_SCENE
+from npvlm.scenes import make_scene, tasks
+
+image = load_image(SAMPLE_SCENE)
+print(f"{SAMPLE_SCENE.name}: {image.size[0]}x{image.size[1]} {image.mode}")
+truth = dict(tasks(make_scene(22)))          # what the demo world says the answers are
+for prompt, answer in truth.items():
+    print(f"  {prompt!r:<42} -> {answer!r}")
+
+fig, ax = plt.subplots(figsize=(3, 3))
+ax.imshow(image)
+ax.set_title(SAMPLE_SCENE.name)
+ax.axis("off")
+plt.show()
+
+# %% [markdown]
+# ## 2. Preprocessing and the prompt
+#
+# The processor resizes the image to `S x S` and maps it to `[-1, 1]` (notebook 01), and builds
+# the token sequence `<image> x N, <bos>, prompt, "\n"`. The `<image>` ids are placeholders: the
+# image tokens will be written over them (notebook 04).
+
+# %%
+PROMPT = "caption en"
+timings = {}
+
+t0 = time.perf_counter()
+inputs = model.processor([image], [PROMPT])
+timings["preprocess"] = time.perf_counter() - t0
+for name, a in inputs.items():
+    print(f"{name:<15} {str(a.dtype):<8} {list(a.shape)}")
+
+tok = model.tokenizer
+N = cfg.num_image_tokens
+
+
+def piece(i):
+    """The SentencePiece piece of an id ('▁' marks a leading space); <image> is HF's extra id."""
+    if i == cfg.image_token_index:
+        return "<image>"
+    return tok.sp.id_to_piece(int(i)) if i < tok.piece_size else f"<row {i}>"   # rows past the vocabulary pad the table
+
+
+ids = inputs["input_ids"][0]
+print(f"\ninput_ids: {N} x <image>, then {[piece(i) for i in ids[N:]]}")
+
+# %% [markdown]
+# ## 3. Image tokens: SigLIP + projector
+#
+# `encode_images` runs the vision tower on the pixels and projects every patch feature to the
+# decoder width: `[B, 3, S, S] -> [B, N, D]`.
+
+# %%
+t0 = time.perf_counter()
+image_tokens = model.encode_images(inputs["pixel_values"])
+timings["image encode"] = time.perf_counter() - t0
+print(f"pixel_values {list(inputs['pixel_values'].shape)} -> image_tokens {list(image_tokens.shape)}")
+
+# %% [markdown]
+# ## 4. Prefill
+#
+# One pass of the decoder over the whole prompt (image tokens + text) fills the KV cache and
+# gives the logits of the first answer token, at the last prompt position only.
+
+# %%
+MAX_NEW = 24
+B, T = inputs["input_ids"].shape
+cache = model.new_cache(B, T + MAX_NEW)                  # room for the prompt and the answer
+t0 = time.perf_counter()
+logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], image_tokens=image_tokens,
+                       cache=cache)
+timings["prefill"] = time.perf_counter() - t0
+print(f"prefill: {T} tokens -> logits {list(logits.shape)}; the cache now holds {cache.length} tokens")
+
+probs = np.exp(logits[0] - logits[0].max())
+probs /= probs.sum()
+print("most likely first tokens:", ", ".join(f"{piece(i)!r} {probs[i]:.3f}" for i in np.argsort(-probs)[:5]))
+
+# %% [markdown]
+# ## 5. Decode, one token at a time
+#
+# Greedy decoding: take the most likely token, feed it back as a one-token step against the
+# cache, and repeat until `<eos>` or the length limit.
+
+# %%
+new_ids = []
+t0 = time.perf_counter()
+token = int(logits.argmax(-1)[0])
+while True:
+    new_ids.append(token)
+    if token == cfg.eos_token_id or len(new_ids) == MAX_NEW:
+        break
+    logits = model.decode_step(np.array([token]), cache)          # [1] -> [1, V]
+    token = int(logits.argmax(-1)[0])
+timings["decode"] = time.perf_counter() - t0
+answer = tok.decode(new_ids)
+print(f"{len(new_ids)} tokens: {[piece(i) for i in new_ids]}")
+print(f"answer: {answer!r}   (the demo world says {truth[PROMPT]!r})")
+
+# %% [markdown]
+# `model.generate` is exactly this loop (plus batching, sampling, stop strings and streaming):
+
+# %%
+out = model.generate(SAMPLE_SCENE, PROMPT, max_new_tokens=MAX_NEW)
+print(f"{out.text!r} (finish: {out.finish_reason})")
+assert out.tokens == new_ids
+
+# %% [markdown]
+# ## Where the time goes
+#
+# Image encoding and prefill are big matrix products over all tokens at once; decoding is one
+# small matrix-vector pass per token. On the small demo model everything takes milliseconds; on a
+# 3B checkpoint prefill dominates short answers and each decode step reads every weight once.
+
+# %%
+per_token = timings["decode"] / max(len(new_ids) - 1, 1)
+for stage, s in timings.items():
+    print(f"{stage:<13} {1000 * s:8.1f} ms")
+print(f"decode        {1000 * per_token:8.1f} ms per token ({1 / per_token:.0f} tokens/s)")
+
+fig, ax = plt.subplots(figsize=(6, 2))
+ax.barh(list(timings)[::-1], [1000 * s for s in timings.values()][::-1], color="tab:blue")
+ax.set_xlabel("ms")
+ax.set_title(f"{PROMPT!r}: {len(new_ids)} new tokens")
+plt.show()
+
+# %% [markdown]
+# ## The four kinds of question
+#
+# The demo world asks for a caption, a color, a count, or boxes (`detect`). A detection answer
+# is a string of `<locNNNN>` tokens; `Generation.detections()` turns it into boxes in the image's
+# pixels (notebook 08).
+
+# %%
+from npvlm.draw import draw_objects
+
+prompts = ["caption en", "answer en what color is the circle?", "answer en how many shapes are there?",
+           "detect circle"]
+for prompt in prompts:
+    out = model.generate(SAMPLE_SCENE, prompt, max_new_tokens=32)
+    ms = 1000 * (out.timings["time_to_first_token_s"] + out.timings["decode_s"])
+    print(f"{prompt!r:<40} -> {out.text!r:<44} ({len(out.tokens)} tokens, {ms:.0f} ms; "
+          f"expected {truth[prompt]!r})")
+
+found = out.detections()
+print(f"\n{len(found.objects)} box(es), {len(found.problems)} malformed record(s)")
+fig, ax = plt.subplots(figsize=(5, 5))
+ax.imshow(draw_objects(image, found.objects))
+ax.set_title(prompts[-1])
+ax.axis("off")
+plt.show()
+
+# %% [markdown]
+# ## Check: the same pipeline against Hugging Face
+#
+# `tests/goldens/` holds tiny random-weight PaliGemma checkpoints with every intermediate
+# tensor and the greedy tokens that HF transformers computed for them (`tools/make_goldens.py`).
+# Run the pipeline above on one of them and compare every stage with `npvlm.trace.compare_stages`,
+# the helper the tests use. Text stages are compared on real tokens only (left padding is
+# masked garbage).
+
+# %%
+from npvlm.generate import greedy_ids
+
+golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
+gmodel = npvlm.load(GOLDENS / "pg1_mqa_hub" / "model")
+trace = {}
+gmodel.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
+               golden["token_type_ids"], logits_for="all", trace=trace)
+real = golden["attention_mask"].astype(bool)
+results = compare_stages(trace, golden, [n for n in trace if n in golden],
+                         where=lambda n: real if n.startswith(("text.", "logits")) else None)
+tokens = greedy_ids(gmodel, golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
+                    max_new_tokens=golden["greedy_tokens"].shape[1])
+print("greedy tokens equal HF's:", np.array_equal(tokens, golden["greedy_tokens"]))
+assert all(r.ok for r in results) and np.array_equal(tokens, golden["greedy_tokens"])
