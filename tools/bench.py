@@ -235,15 +235,26 @@ def machine_limits(size, repeats=5):
     return {"gemm_gflops": gemm, "bandwidth_gbs": bandwidth}
 
 
-def read_widen_seconds(folder):
-    """Time to read every checkpoint byte and widen BF16 -> fp32 (the floor for `load`)."""
+def warm_page_cache(folder):
+    """Read the checkpoint once so that npvlm, transformers and the floor all load from the OS
+    page cache (otherwise whichever runs first pays the disk)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def worker_floor(args):
+    """The floor for `load`, in its own process like the loaders: read every checkpoint byte and
+    widen BF16 -> fp32 into arrays that are kept, as any loader must keep them (so the OS has
+    to hold the fp32 weights and the file cache at once, exactly as during a real load)."""
     from npvlm.safetensors_io import SafetensorsFile
     t0 = time.perf_counter()
-    for path in sorted(folder.glob("*.safetensors")):
+    kept = []
+    for path in sorted(Path(args.model).glob("*.safetensors")):
         with SafetensorsFile(path) as f:
-            for k in f.keys():
-                f.read(k)
-    return time.perf_counter() - t0
+            kept.extend(f.read(k) for k in f.keys())
+    return {"read_widen_s": time.perf_counter() - t0, "bytes": sum(a.nbytes for a in kept)}
 
 
 def model_costs(size):
@@ -264,6 +275,7 @@ def model_costs(size):
 # ---- driver -----------------------------------------------------------------------------------
 
 def run_worker(kind, size, folder, args):
+    warm_page_cache(folder)
     cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--model", str(folder),
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device]
@@ -336,12 +348,12 @@ def main():
     p.add_argument("--backend", default="numpy")
     p.add_argument("--hf-device", default="cpu")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--worker", choices=["npvlm", "hf"])
+    p.add_argument("--worker", choices=["npvlm", "hf", "floor"])
     p.add_argument("--size", choices=sorted(SIZES))
     p.add_argument("--model")
     args = p.parse_args()
     if args.worker:
-        out = (worker_npvlm if args.worker == "npvlm" else worker_hf)(args)
+        out = {"npvlm": worker_npvlm, "hf": worker_hf, "floor": worker_floor}[args.worker](args)
         print(json.dumps(out))
         return
     info = machine_info(args)
@@ -350,7 +362,7 @@ def main():
         print(f"[{size}] checkpoint", file=sys.stderr, flush=True)
         folder = make_checkpoint(size, args.cache)
         limits = machine_limits(size)
-        read_widen = read_widen_seconds(folder)
+        read_widen = run_worker("floor", size, folder, args)["read_widen_s"]
         print(f"[{size}] npvlm", file=sys.stderr, flush=True)
         npv = run_worker("npvlm", size, folder, args)
         print(f"[{size}] transformers", file=sys.stderr, flush=True)
