@@ -154,7 +154,50 @@ def worker_npvlm(args):
                      "decode_tok_s": (args.new_tokens - 1) / (t3 - t2)})
     out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
+    if args.backend == "numpy":
+        out.update(pure_blas_times(model, ids.shape[1], args.repeats))
     return out
+
+
+def pure_blas_times(model, T, repeats):
+    """The machine's limit for exactly this model's work, measured in the same process on the
+    loaded weights: every weight matrix once through BLAS and nothing else.
+    - decode: a 1-row product with every decoder weight and the tied lm_head (a pure
+      memory-bound pass over the bytes a decode step must read) -> the decode bound;
+    - prefill: a T-row product with every decoder weight, an N-row product with every vision
+      weight, one lm_head row -> the GEMM bound for time to first token.
+    Returns seconds and the implied bandwidth (GB/s) and GEMM rate (GFLOP/s)."""
+    p, cfg = model.params, model.cfg
+    text = [w for layer in p["text"]["layers"] for blk in ("self_attn", "mlp")
+            for w in (v["weight"] for v in layer[blk].values())]
+    vision = [w for layer in p["vision"]["layers"] for blk in ("self_attn", "mlp")
+              for w in (v["weight"] for v in layer[blk].values())]
+    vision += [p["vision"]["patch_embedding"]["weight"], p["projector"]["weight"]]
+    emb = p["text"]["embed_tokens"]["weight"]
+    rng = np.random.default_rng(0)
+    widest = max(w.shape[1] for w in text + vision)
+    x1 = rng.standard_normal((1, widest), dtype=np.float32)
+    xt = rng.standard_normal((T, widest), dtype=np.float32)
+    xn = rng.standard_normal((cfg.num_image_tokens, widest), dtype=np.float32)
+
+    def decode_pass():
+        for w in text:
+            x1[:, :w.shape[1]] @ w.T
+        x1[:, :emb.shape[1]] @ emb.T
+
+    def prefill_pass():
+        for w in text:
+            xt[:, :w.shape[1]] @ w.T
+        for w in vision:
+            xn[:, :w.shape[1]] @ w.T
+        x1[:, :emb.shape[1]] @ emb.T
+
+    decode_s = median_time(decode_pass, repeats)
+    prefill_s = median_time(prefill_pass, repeats)
+    decode_bytes = sum(w.nbytes for w in text) + emb.nbytes
+    flops = 2 * (T * sum(w.size for w in text) + cfg.num_image_tokens * sum(w.size for w in vision) + emb.size)
+    return {"pure_decode_pass_s": decode_s, "pure_prefill_gemm_s": prefill_s,
+            "pure_bandwidth_gbs": decode_bytes / decode_s / 1e9, "pure_gemm_gflops": flops / prefill_s / 1e9}
 
 
 def worker_hf(args):
@@ -323,6 +366,12 @@ def table(size, npv, hf, limits, read_widen, info):
         ("prefill tokens/s (image encode included)", prompt / npv["ttft_s"], prompt / hf["ttft_s"], ""),
         ("time to first token (s)", npv["ttft_s"], hf["ttft_s"], f"GEMM bound {prefill_bound_s:.2f} s: at {prefill_bound_s / npv['ttft_s']:.0%} of the bound"),
         ("decode tokens/s", npv["decode_tok_s"], hf["decode_tok_s"], f"bandwidth bound {decode_bound:.2f} tok/s: at {npv['decode_tok_s'] / decode_bound:.0%} of the bound"),
+        ("decode vs its own pure-BLAS pass", npv["decode_tok_s"], hf["decode_tok_s"],
+         f"every decode weight once through BLAS gemv: {npv['pure_decode_pass_s']:.3f} s "
+         f"({npv['pure_bandwidth_gbs']:.1f} GB/s); npvlm decode at {npv['pure_decode_pass_s'] * npv['decode_tok_s']:.0%} of it"),
+        ("TTFT vs its own pure-BLAS pass", npv["ttft_s"], hf["ttft_s"],
+         f"every prefill matmul through BLAS: {npv['pure_prefill_gemm_s']:.2f} s "
+         f"({npv['pure_gemm_gflops']:.0f} GFLOP/s); npvlm TTFT at {npv['pure_prefill_gemm_s'] / npv['ttft_s']:.0%} of it"),
         ("peak RSS (GB)", npv["peak_rss_gb"], hf["peak_rss_gb"], f"fp32 weights {model_params_bytes(size) / 1e9:.2f} GB; npvlm - weights = {npv['peak_rss_gb'] - model_params_bytes(size) / 1e9:.2f} GB"),
     ]
     lines = [f"### {SIZES[size]['name']}", "",
