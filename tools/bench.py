@@ -176,21 +176,21 @@ def pure_blas_times(model, T, repeats):
     emb = p["text"]["embed_tokens"]["weight"]
     rng = np.random.default_rng(0)
     widest = max(w.shape[1] for w in text + vision)
-    x1 = rng.standard_normal((1, widest), dtype=np.float32)
+    x1 = rng.standard_normal((1, 1, widest), dtype=np.float32)   # [B, T, D] as in a decode step
     xt = rng.standard_normal((T, widest), dtype=np.float32)
     xn = rng.standard_normal((cfg.num_image_tokens, widest), dtype=np.float32)
 
     def decode_pass():
         for w in text:
-            x1[:, :w.shape[1]] @ w.T
-        x1[:, :emb.shape[1]] @ emb.T
+            x1[..., :w.shape[1]] @ w.T
+        x1[0, :, :emb.shape[1]] @ emb.T           # lm_head runs on [B, D]
 
     def prefill_pass():
         for w in text:
             xt[:, :w.shape[1]] @ w.T
         for w in vision:
             xn[:, :w.shape[1]] @ w.T
-        x1[:, :emb.shape[1]] @ emb.T
+        x1[0, :, :emb.shape[1]] @ emb.T
 
     decode_s = median_time(decode_pass, repeats)
     prefill_s = median_time(prefill_pass, repeats)
