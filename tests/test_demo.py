@@ -75,3 +75,12 @@ def test_run_py_draws_detections(tmp_path):
     drawn = np.asarray(Image.open(out).convert("RGB"))
     assert drawn.shape[0] >= 128 and not np.array_equal(drawn[::3, ::3], drawn[::3, ::3][0, 0])
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_py_accepts_a_vae_file():
+    """--vae is loaded and checked before the model; a box-only answer needs no masks."""
+    vae = ROOT / "tests" / "fixtures" / "vae" / "vae-tiny.npz"
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), str(SAMPLE_SCENE), "detect circle",
+                        "--vae", str(vae), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert all(o["mask_pixels"] is None for o in json.loads(r.stdout)["objects"])
