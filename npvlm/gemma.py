@@ -4,11 +4,12 @@ Axis legend: B batch, T query length, S key length, D width, F MLP width, Hq que
 Hk key/value heads, E head dim, V vocab.
 
     h = merged embeddings [B, T, D]
-    for each layer:  h += attn(rms_norm(h));  h += geglu(rms_norm(h))
-    logits = rms_norm(h) @ embed_tokens^T          (lm_head tied to the embedding)
+    Gemma 1, each layer:  h += attn(N(h));  h += geglu(N(h))
+    Gemma 2, each layer:  h += N(attn(N(h)));  h += N(geglu(N(h)))   (softcapped attention)
+    logits = N(h) @ embed_tokens^T       (lm_head tied to the embedding; Gemma 2 softcaps it)
 
-Follows HF `modeling_gemma.py` (transformers 5.x); the numerics that matter are commented
-where they happen.
+Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the numerics that
+matter are commented where they happen.
 """
 
 from .attention import apply_rope, attention

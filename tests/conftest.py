@@ -42,6 +42,15 @@ def param_leaves(tree, prefix=""):
         yield prefix[:-1], tree
 
 
+def one_line_error(exc_type, call, *fragments):
+    """`call()` must raise `exc_type` with a one-line message holding every fragment."""
+    with pytest.raises(exc_type) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg and all(f in msg for f in fragments), msg
+    return msg
+
+
 def pinned_transformers():
     """The transformers version that setup.cfg's [reference] extra pins."""
     cfg = configparser.ConfigParser()

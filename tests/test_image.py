@@ -7,6 +7,7 @@ from PIL import Image
 
 from npvlm.errors import InputError
 from npvlm.image import load_image, preprocess, preprocess_batch
+from conftest import one_line_error
 
 SIZES = [(1, 1), (17, 9), (300, 200), (10000, 10)]          # (width, height)
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK", "1"]
@@ -160,11 +161,7 @@ def test_path_types_and_batch(tmp_path):
 # ---- errors ---------------------------------------------------------------------------------
 
 def one_line_input_error(call, *fragments):
-    with pytest.raises(InputError) as info:
-        call()
-    msg = str(info.value)
-    assert "\n" not in msg and all(f in msg for f in fragments), msg
-    return msg
+    return one_line_error(InputError, call, *fragments)
 
 
 def _write_truncated(path, fmt):

@@ -18,6 +18,7 @@ from npvlm.config import config_from_dict
 from npvlm.errors import CheckpointError, InputError
 from npvlm.processor import Processor
 from npvlm.tokenizer import Tokenizer
+from conftest import one_line_error
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 MODEL = FIXTURE / "tokenizer.model"
@@ -239,11 +240,7 @@ def test_decode_rejects_negative_ids(tok):
 # ---- errors ---------------------------------------------------------------------------------
 
 def _one_line_checkpoint_error(call, *fragments):
-    with pytest.raises(CheckpointError) as info:
-        call()
-    msg = str(info.value)
-    assert "\n" not in msg and all(f in msg for f in fragments), msg
-    return msg
+    return one_line_error(CheckpointError, call, *fragments)
 
 
 def test_tokenizer_file_errors(tmp_path):
