@@ -6,7 +6,8 @@ V vocab.
     pixels [B, C, S, S] --SigLIP--> [B, N, D_v] --projector--> [B, N, D]
     input_ids [B, T] = <image>*N <bos> prompt "\\n"  (left-padded in a batch)
     embeddings [B, T, D]: image features at the <image> positions, sqrt(D)-scaled text elsewhere
-    Gemma decoder with the prefix-LM mask and 1-indexed positions cumsum(attention_mask)
+    Gemma / Gemma 2 decoder with the prefix-LM mask (and Gemma 2 sliding window) and 1-indexed
+    positions cumsum(attention_mask)
     logits [B, V] at each row's last real token (prefill), then one token at a time (decode).
 
 Two phases, as in every LLM runtime: `prefill` runs the whole prompt at once (matmuls over T
