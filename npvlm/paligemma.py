@@ -64,14 +64,18 @@ def merge_embeddings(params, cfg, input_ids, image_tokens):
     return h
 
 
-def decoder(h, params, cfg, positions, masks, cache, trace=None):
+def decoder(h, params, cfg, positions, masks, cache, trace=None, last_only=False):
     """Run every Gemma layer. h: [B, T, D], positions: int[B, T] -> [B, T, D].
-    masks: {"full_attention": ..., "sliding_attention": ...}, chosen per layer (Gemma 2)."""
+    masks: {"full_attention": ..., "sliding_attention": ...}, chosen per layer (Gemma 2).
+    last_only: only the last position's output is needed (-> [B, 1, D]); the final layer then
+    skips the queries, attention output and MLP of the other positions (1/L of the prefill)."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     block = BLOCKS[cfg.model_type]
     record(trace, "text.embed", h)
+    n_layers = len(params["layers"])
     for i, layer in enumerate(params["layers"]):
-        h = block(h, layer, cfg, cos, sin, masks[cfg.layer_type(i)], cache, i)
+        h = block(h, layer, cfg, cos, sin, masks[cfg.layer_type(i)], cache, i,
+                  last_only=last_only and i == n_layers - 1)
         record(trace, f"text.layer.{i:02d}", h)
     return h
 
@@ -110,10 +114,16 @@ def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_typ
                                                     cfg.text.sliding_window)
     if cache is not None and cache.length:
         raise ValueError("prefill needs an empty cache")
-    h = decoder(h, params["text"], cfg.text, positions, masks, cache, trace)
+    # Rows are left-padded, so every row's last real token is at T-1, and when only the next
+    # token is wanted the final layer needs to run for that position alone. (Not when tracing:
+    # the traced stages are compared whole with HF's.)
+    last_only = logits_for == "last" and trace is None and bool((attention_mask[:, -1] > 0).all())
+    h = decoder(h, params["text"], cfg.text, positions, masks, cache, trace, last_only)
     if cache is not None:
         cache.advance(attention_mask.astype(xp.int32))
-    if logits_for == "last":
+    if last_only:
+        h = h[:, -1]                                                   # [B, D]
+    elif logits_for == "last":
         T = input_ids.shape[1]
         last = (attention_mask * xp.arange(T)).argmax(axis=1)          # last real token per row
         h = h[xp.arange(h.shape[0]), last]                             # [B, D]
