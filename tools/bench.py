@@ -164,12 +164,22 @@ def pure_blas_times(model, T, repeats):
     loaded weights: every weight matrix once through BLAS and nothing else.
     - decode: a 1-row product with every decoder weight and the tied lm_head (a pure
       memory-bound pass over the bytes a decode step must read) -> the decode bound;
-    - prefill: a T-row product with every decoder weight, an N-row product with every vision
-      weight, one lm_head row -> the GEMM bound for time to first token.
+    - prefill: a T-row product with every decoder weight (in the final layer only K/V: the
+      other final-layer weights need the last row alone, 1-row products), an N-row product with
+      every vision weight, one lm_head row -> the GEMM bound for time to first token.
     Returns seconds and the implied bandwidth (GB/s) and GEMM rate (GFLOP/s)."""
     p, cfg = model.params, model.cfg
-    text = [w for layer in p["text"]["layers"] for blk in ("self_attn", "mlp")
+    layers = p["text"]["layers"]
+    text = [w for layer in layers for blk in ("self_attn", "mlp")
             for w in (v["weight"] for v in layer[blk].values())]
+    # what a prefill for one next token must multiply: every layer over all T rows, except the
+    # final layer, whose output is needed at the last position only (its K/V still over T rows)
+    final = layers[-1]
+    text_t = [w for layer in layers[:-1] for blk in ("self_attn", "mlp")
+              for w in (v["weight"] for v in layer[blk].values())]
+    text_t += [final["self_attn"]["k_proj"]["weight"], final["self_attn"]["v_proj"]["weight"]]
+    text_1 = [final["self_attn"][k]["weight"] for k in ("q_proj", "o_proj")] + [
+        v["weight"] for v in final["mlp"].values()]
     vision = [w for layer in p["vision"]["layers"] for blk in ("self_attn", "mlp")
               for w in (v["weight"] for v in layer[blk].values())]
     vision += [p["vision"]["patch_embedding"]["weight"], p["projector"]["weight"]]
@@ -186,8 +196,10 @@ def pure_blas_times(model, T, repeats):
         x1[0, :, :emb.shape[1]] @ emb.T           # lm_head runs on [B, D]
 
     def prefill_pass():
-        for w in text:
+        for w in text_t:
             xt[:, :w.shape[1]] @ w.T
+        for w in text_1:
+            x1[..., :w.shape[1]] @ w.T
         for w in vision:
             xn[:, :w.shape[1]] @ w.T
         x1[0, :, :emb.shape[1]] @ emb.T
@@ -195,7 +207,8 @@ def pure_blas_times(model, T, repeats):
     decode_s = median_time(decode_pass, repeats)
     prefill_s = median_time(prefill_pass, repeats)
     decode_bytes = sum(w.nbytes for w in text) + emb.nbytes
-    flops = 2 * (T * sum(w.size for w in text) + cfg.num_image_tokens * sum(w.size for w in vision) + emb.size)
+    flops = 2 * (T * sum(w.size for w in text_t) + sum(w.size for w in text_1)
+                 + cfg.num_image_tokens * sum(w.size for w in vision) + emb.size)
     return {"pure_decode_pass_s": decode_s, "pure_prefill_gemm_s": prefill_s,
             "pure_bandwidth_gbs": decode_bytes / decode_s / 1e9, "pure_gemm_gflops": flops / prefill_s / 1e9}
 
@@ -311,7 +324,10 @@ def model_costs(size):
     T = 256 + TEXT_TOKENS
     Dv, Fv, Lv, N = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], 256
     vision_flops = Lv * (2 * N * (4 * Dv * Dv + 2 * Dv * Fv) + 4 * N * N * Dv) + 2 * N * 3 * 14 * 14 * Dv
-    text_flops = L * (2 * T * per_layer + 4 * T * T * Hq * E) + 2 * N * Dv * D + 2 * D * VOCAB
+    # the final layer: K/V over all T rows (the cache), queries, attention and MLP for the last row
+    final_layer = 2 * T * D * Hk * E * 2 + 2 * (D * Hq * E * 2 + 3 * D * F) + 4 * T * Hq * E
+    text_flops = ((L - 1) * (2 * T * per_layer + 4 * T * T * Hq * E) + final_layer
+                  + 2 * N * Dv * D + 2 * D * VOCAB)
     return decoder_params * 4, vision_flops + text_flops
 
 

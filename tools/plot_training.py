@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main():
-    log = json.loads((ROOT / "docs" / "demo_training.json").read_text())["log"]
+    full = json.loads((ROOT / "docs" / "demo_training.json").read_text())["log"]
+    log = [e for e in full if "loss" in e]
+    val = [e for e in full if "val" in e]
     steps = [e["step"] for e in log]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    fig, (ax, axv) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=100)
     ax.plot(steps, [e["loss"] for e in log], lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("step (batch 48)")
@@ -27,6 +29,14 @@ def main():
     ax2 = ax.twinx()
     ax2.plot(steps, [e["lr"] for e in log], color="tab:orange", lw=0.8, alpha=0.6)
     ax2.set_ylabel("learning rate", color="tab:orange")
+    for kind in (val[0]["val"] if val else {}):
+        axv.plot([e["step"] for e in val], [100 * e["val"][kind] for e in val], lw=1.2, label=kind)
+    axv.set_xlabel("step")
+    axv.set_ylabel("% exact (teacher-forced)")
+    axv.set_title("held-out validation, 128 items per task")
+    axv.set_ylim(0, 100)
+    axv.grid(alpha=0.3)
+    axv.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = ROOT / "docs" / "images" / "demo_training.png"
     out.parent.mkdir(exist_ok=True)
