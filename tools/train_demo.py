@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from npvlm.image import preprocess  # noqa: E402
-from npvlm.scenes import make_scene, task_kind, tasks  # noqa: E402
+from npvlm.scenes import COLORS, SHAPES, make_scene, task_kind, tasks  # noqa: E402
 from npvlm.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
@@ -45,6 +45,10 @@ TASK_WEIGHTS = {"caption": 0.35, "detect": 0.30, "color": 0.30, "count": 0.05}
 # The first --warmup-tasks steps train only the tasks that name every shape in a few tokens
 # (see docs/demo.md: the detection tokens dominate the loss early on).
 EARLY_TASK_WEIGHTS = {"caption": 0.6, "color": 0.4}
+# Auxiliary loss during training only: which of the 12 (shape, color) kinds the scene holds,
+# predicted by a throw-away linear head from the mean of the projected image tokens. It gives
+# the vision tower a direct shape signal; the exported checkpoint is the plain PaliGemma.
+KINDS = [(shape, color) for shape in SHAPES for color in COLORS]
 
 # Run history (docs/demo.md): run 1, 64 px / 8 px patches, vision 128x4, one K/V head, plateaued
 # at ~62% on color questions (shape identity at chance); run 2, 128 px / 16 px, two K/V heads,
@@ -105,7 +109,10 @@ def collate(tok, examples):
     batch_size = len(examples)
     n_img = (ARCH["image_size"] // ARCH["patch_size"]) ** 2
     rows, pixels = [], []
-    for scene, prompt, answer in examples:
+    presence = np.zeros((batch_size, len(KINDS)), np.float32)
+    for i, (scene, prompt, answer) in enumerate(examples):
+        for o in scene.objects:
+            presence[i, KINDS.index((o.shape, o.color))] = 1.0
         ids, types = tok.prompt_ids(prompt, n_img, suffix=answer)
         rows.append((ids, types))
         pixels.append(preprocess(scene.image, ARCH["image_size"]))
@@ -120,7 +127,7 @@ def collate(tok, examples):
         labels[i, :n] = np.where(np.array(tt) == 1, ids, -100)
     return {k: torch.from_numpy(v) for k, v in dict(
         input_ids=input_ids, attention_mask=mask, token_type_ids=types, labels=labels,
-        pixel_values=np.stack(pixels)).items()}
+        pixel_values=np.stack(pixels), presence=presence).items()}
 
 
 def validation_set(tok, per_kind=128):
@@ -145,7 +152,7 @@ def validate(model, val):
     model.eval()
     out = {}
     for kind, batch in val.items():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "presence")}).logits
         pred, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
         ok = (pred == target) | (target == -100)
         out[kind] = round(float(ok.all(dim=1).float().mean()), 4)
@@ -160,10 +167,10 @@ def lr_at(step, args):
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def save_state(work, model, opt, step, log):
+def save_state(work, model, aux_head, opt, step, log):
     tmp = work / "state.pt.tmp"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                "arch": ARCH}, tmp)
+    torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
+                "step": step, "log": log, "arch": ARCH}, tmp)
     os.replace(tmp, work / "state.pt")
 
 
@@ -184,12 +191,13 @@ def export(model, tok_path, log, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5500)
+    p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-tasks", type=int, default=600,
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary presence loss")
+    p.add_argument("--warmup-tasks", type=int, default=300,
                    help="steps at the start that train captions and color questions only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".demo_train")
@@ -212,13 +220,15 @@ def main():
     model = build_model(tok)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters; arch {ARCH}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                            weight_decay=args.weight_decay)
+    aux_head = torch.nn.Linear(ARCH["text"]["hidden_size"], len(KINDS))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(aux_head.parameters()), lr=args.lr,
+                            betas=(0.9, 0.98), weight_decay=args.weight_decay)
     args.work.mkdir(parents=True, exist_ok=True)
     step, log = 0, []
     if (args.work / "state.pt").is_file():
         state = torch.load(args.work / "state.pt", weights_only=False)
         model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
         if state.get("arch", ARCH) != ARCH:
@@ -229,34 +239,41 @@ def main():
         return
     val = validation_set(tok) if args.eval_every else None
     model.train()
-    t0, seen, window = time.time(), 0, []
+    projected = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: projected.update(img=out))
+    t0, seen, window, aux_window = time.time(), 0, [], []
     while step < args.steps:
         weights = EARLY_TASK_WEIGHTS if step < args.warmup_tasks else TASK_WEIGHTS
         batch = make_batch(tok, step, args.batch_size, weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
+        presence = batch.pop("presence")
         loss = model(**batch).loss
+        aux = torch.nn.functional.binary_cross_entropy_with_logits(aux_head(projected["img"].mean(1)), presence)
+        aux_window.append(aux.item())
+        loss = loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         seen += 1
-        window.append(loss.item())
+        window.append(loss.item() - args.aux_weight * aux_window[-1])
         if args.probe and seen >= args.probe:
             print(f"{(time.time() - t0) / seen:.3f} s/step at batch {args.batch_size}")
             return
         if step % 25 == 0:
             elapsed = time.time() - t0
-            log.append({"step": step, "loss": float(np.mean(window)), "lr": lr_at(step - 1, args)})
-            window = []
-            print(f"step {step}/{args.steps} loss {log[-1]['loss']:.4f} lr {log[-1]['lr']:.2e} "
+            log.append({"step": step, "loss": float(np.mean(window)), "aux_loss": float(np.mean(aux_window)),
+                        "lr": lr_at(step - 1, args)})
+            window, aux_window = [], []
+            print(f"step {step}/{args.steps} loss {log[-1]['loss']:.4f} aux {log[-1]['aux_loss']:.4f} lr {log[-1]['lr']:.2e} "
                   f"{elapsed / seen:.2f} s/step", flush=True)
         if val and (step % args.eval_every == 0 or step == args.steps):
             log.append({"step": step, "val": validate(model, val)})
             print(f"step {step} validation (teacher-forced exact): {log[-1]['val']}", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            save_state(args.work, model, opt, step, log)
+            save_state(args.work, model, aux_head, opt, step, log)
     export(model, TOKENIZER, log, args)
 
 
