@@ -14,8 +14,7 @@ matter are commented where they happen.
 
 from .attention import apply_rope, attention
 from .backend import array_module
-from .kernels import gelu_tanh_mul
-from .layers import linear, rms_norm, softcap
+from .layers import gelu_tanh, linear, rms_norm, softcap
 
 
 def embed_tokens(ids, table, cfg):
@@ -47,10 +46,8 @@ def self_attention(x, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False)
 
 
 def geglu(x, p):
-    """down(gelu_tanh(gate(x)) * up(x)).  [B, T, D] -> [B, T, F] -> [B, T, D]
-    (`gelu_tanh_mul` is exactly `gelu_tanh(g) * u`, computed in cache-sized blocks on all cores
-    for long prompts: see kernels.py.)"""
-    return linear(gelu_tanh_mul(linear(x, p["gate_proj"]["weight"]), linear(x, p["up_proj"]["weight"])),
+    """down(gelu_tanh(gate(x)) * up(x)).  [B, T, D] -> [B, T, F] -> [B, T, D]"""
+    return linear(gelu_tanh(linear(x, p["gate_proj"]["weight"])) * linear(x, p["up_proj"]["weight"]),
                   p["down_proj"]["weight"])
 
 

@@ -10,8 +10,7 @@ Follows HF `modeling_siglip.py`; no CLS token, no pooling head (PaliGemma uses e
 """
 
 from .attention import attention
-from .kernels import gelu_tanh_
-from .layers import layer_norm, linear
+from .layers import gelu_tanh, layer_norm, linear
 from .trace import record
 
 
@@ -46,10 +45,8 @@ def self_attention(x, p, cfg):
 
 
 def mlp(x, p):
-    """fc2(gelu_tanh(fc1(x))).  [B, N, D] -> [B, N, F] -> [B, N, D]
-    (`gelu_tanh_` is `gelu_tanh` computed in place on the fresh fc1 output, in cache-sized
-    blocks on all cores: see kernels.py.)"""
-    return linear(gelu_tanh_(linear(x, **p["fc1"])), **p["fc2"])
+    """fc2(gelu_tanh(fc1(x))).  [B, N, D] -> [B, N, F] -> [B, N, D]"""
+    return linear(gelu_tanh(linear(x, **p["fc1"])), **p["fc2"])
 
 
 def encoder_layer(h, p, cfg):

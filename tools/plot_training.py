@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main():
-    full = json.loads((ROOT / "docs" / "demo_training.json").read_text())["log"]
+    record = json.loads((ROOT / "docs" / "demo_training.json").read_text())
+    full = record["log"]
     log = [e for e in full if "loss" in e]
     val = [e for e in full if "val" in e]
     steps = [e["step"] for e in log]
@@ -29,7 +30,13 @@ def main():
     ax2 = ax.twinx()
     ax2.plot(steps, [e["lr"] for e in log], color="tab:orange", lw=0.8, alpha=0.6)
     ax2.set_ylabel("learning rate", color="tab:orange")
-    for kind in (val[0]["val"] if val else {}):
+    switch = record.get("args", {}).get("warmup_tasks")
+    if switch:
+        ax.axvline(switch, color="gray", lw=0.8, ls=":")
+        ax.annotate("all four tasks from here", (switch, ax.get_ylim()[1]), fontsize=7, color="gray",
+                    xytext=(4, -10), textcoords="offset points")
+    # detection's strict token match stays ~0 (one bin off is wrong); it is judged by IoU instead
+    for kind in (k for k in (val[0]["val"] if val else {}) if k != "detect"):
         axv.plot([e["step"] for e in val], [100 * e["val"][kind] for e in val], lw=1.2, label=kind)
     axv.set_xlabel("step")
     axv.set_ylabel("% exact (teacher-forced)")
