@@ -54,8 +54,8 @@ def test_stream_pieces_add_up_to_the_text(model):
 
 def test_stop_string_cuts_the_text(model):
     full = model.generate(_image(6), "caption en", max_new_tokens=16)
-    if len(full.text) < 3:
-        pytest.skip("the random model answered too briefly to cut")
+    # the fixture model is seeded, so this holds or fails the same way on every run
+    assert len(full.text) >= 3, f"the fixture model answered {full.text!r}: too short to cut"
     stop = full.text[1:3]
     cut = model.generate(_image(6), "caption en", max_new_tokens=16, stop=[stop])
     assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
@@ -82,8 +82,7 @@ def test_empty_prompt_is_allowed(model):
 
 def test_stream_never_shows_a_stop_string(model):
     full = model.generate(_image(10), "caption en", max_new_tokens=20)
-    if len(full.text) < 4:
-        pytest.skip("the random model answered too briefly")
+    assert len(full.text) >= 4, f"the fixture model answered {full.text!r}: too short to cut"
     stop = full.text[2:4]
     pieces = []
     out = model.generate(_image(10), "caption en", max_new_tokens=20, stop=stop, stream=pieces.append)

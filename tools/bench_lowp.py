@@ -18,22 +18,12 @@ second, and the speed relative to the fp32 product. The decoder's largest matric
 
 import argparse
 import os
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-
-def median_time(f, repeats):
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench import median_time      # tools/bench.py: median wall time after one warm-up call
 
 
 def blocked(widen_into, rows, block_rows, threads, pool):

@@ -259,17 +259,17 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         presence = batch.pop("presence")
-        loss = model(**batch).loss
+        lm_loss = model(**batch).loss
         aux = torch.nn.functional.binary_cross_entropy_with_logits(aux_head(projected["img"].mean(1)), presence)
-        aux_window.append(aux.item())
-        loss = loss + args.aux_weight * aux
+        loss = lm_loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         seen += 1
-        window.append(loss.item() - args.aux_weight * aux_window[-1])
+        window.append(lm_loss.item())
+        aux_window.append(aux.item())
         if args.probe and seen >= args.probe:
             print(f"{(time.time() - t0) / seen:.3f} s/step at batch {args.batch_size}")
             return
