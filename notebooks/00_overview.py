@@ -115,10 +115,8 @@ N = cfg.num_image_tokens
 
 
 def piece(i):
-    """The SentencePiece piece of an id ('▁' marks a leading space); <image> is HF's extra id."""
-    if i == cfg.image_token_index:
-        return "<image>"
-    return tok.sp.id_to_piece(int(i)) if i < tok.piece_size else f"<row {i}>"   # rows past the vocabulary pad the table
+    """The vocabulary entry of an id ('▁' marks a leading space); embedding rows past the vocabulary have none."""
+    return tok.piece(i) or f"<row {i}>"
 
 
 ids = inputs["input_ids"][0]

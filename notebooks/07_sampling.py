@@ -55,10 +55,8 @@ print(model)
 
 
 def piece(i):
-    """The SentencePiece piece of an id ('▁' marks a leading space)."""
-    if i == cfg.image_token_index:
-        return "<image>"
-    return tok.sp.id_to_piece(int(i)) if i < tok.piece_size else f"<row {i}>"   # rows past the vocabulary pad the table
+    """The vocabulary entry of an id ('▁' marks a leading space); embedding rows past the vocabulary have none."""
+    return tok.piece(i) or f"<row {i}>"
 
 # %% [markdown]
 # ## 1. Real logits

@@ -213,6 +213,17 @@ class Tokenizer:
 
     # ---- ids -> text --------------------------------------------------------------------------
 
+    def piece(self, token_id):
+        """The vocabulary entry of one id, as HF's `convert_ids_to_tokens`: the SentencePiece piece
+        ('▁' marks a leading space, '<0xE6>' a byte), '<image>' for the image id, and None for
+        ids past the vocabulary (the padding rows of the embedding table)."""
+        i = int(token_id)
+        if i < 0:
+            raise InputError(f"token id {i} is negative")
+        if i == self.image_token_id:
+            return IMAGE_TOKEN
+        return self.sp.id_to_piece(i) if i < self.piece_size else None
+
     def _token(self, token_id):
         """("skip", None) | ("byte", int) | ("text", str) for one id, as HF's decoder sees it."""
         i = int(token_id)

@@ -121,6 +121,8 @@ def test_hf_reads_the_same_vocabulary(tok, hf):
     assert t.convert_ids_to_tokens(list(range(n))) == [tok.sp.id_to_piece(i) for i in range(n)], \
         f"tokenizer.json does not match tokenizer.model; regenerate: {REGENERATE}"
     assert hf.image_token_id == tok.image_token_id == len(t) - 1
+    every_id = list(range(n + 3))   # the pieces, <image>, and two ids past HF's vocabulary
+    assert [tok.piece(i) for i in every_id] == t.convert_ids_to_tokens(every_id)
     assert t("<loc0007>", add_special_tokens=False).input_ids == [tok.loc_id(7)]
     assert t("\n", add_special_tokens=False).input_ids == tok.encode("\n")
     assert (t.pad_token_id, t.eos_token_id, t.bos_token_id) == (tok.pad_id, tok.eos_id, tok.bos_id)
@@ -235,6 +237,8 @@ def test_stream_decoder_equals_decode(tok):
 def test_decode_rejects_negative_ids(tok):
     with pytest.raises(InputError, match="negative"):
         tok.decode([5, -1])
+    with pytest.raises(InputError, match="negative"):
+        tok.piece(-1)
 
 
 # ---- errors ---------------------------------------------------------------------------------
