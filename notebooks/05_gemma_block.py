@@ -47,6 +47,7 @@ import numpy as np
 
 import npvlm
 from npvlm.attention import apply_rope, attention, prefix_lm_mask, rope_tables
+from npvlm.paligemma import prefill_masks, prompt_positions
 from npvlm.gemma import gemma_block, geglu, lm_head, self_attention
 from npvlm.layers import gelu_tanh, linear, rms_norm, softmax
 from npvlm.model import SAMPLE_SCENE
@@ -230,8 +231,8 @@ golden = dict(np.load(GOLDENS / "pg1_gqa_v5" / "goldens.npz"))
 gm = npvlm.load(GOLDENS / "pg1_gqa_v5" / "model")
 gtc, am = gm.cfg.text, golden["attention_mask"]
 print(f"golden: Hq = {gtc.num_attention_heads}, Hk = {gtc.num_key_value_heads}, E = {gtc.head_dim}")
-gcos, gsin = rope_tables(np.where(am > 0, np.cumsum(am, axis=1), 1), gtc.head_dim, gtc.rope_theta)
-gmask = prefix_lm_mask(am, golden["token_type_ids"], np.float32)
+gcos, gsin = rope_tables(prompt_positions(am), gtc.head_dim, gtc.rope_theta)   # the cumsum above, as prefill does it
+gmask = prefill_masks(am, golden["token_type_ids"], gtc, np.float32)["full_attention"]
 ours, h = {}, golden["text.embed"]
 for i, p in enumerate(gm.params["text"]["layers"]):
     h = ours[f"text.layer.{i:02d}"] = gemma_block(h, p, gtc, gcos, gsin, gmask, None, i)

@@ -48,7 +48,8 @@ import npvlm
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 MODEL = GOLDENS / "pg2_gqa_v5" / "model"
 
-from npvlm.attention import decode_mask, prefix_lm_mask, rope_tables
+from npvlm.attention import decode_mask, rope_tables
+from npvlm.paligemma import prefill_masks, prompt_positions
 from npvlm.gemma import gemma2_block, gemma_block
 from npvlm.generate import greedy_ids
 from npvlm.layers import softcap
@@ -149,9 +150,8 @@ plt.show()
 am = inputs["attention_mask"]
 types = inputs.get("token_type_ids")
 types = np.zeros_like(am) if types is None else types
-cos, sin = rope_tables(np.where(am > 0, np.cumsum(am, axis=1), 1), tc.head_dim, tc.rope_theta)
-masks = {"full_attention": prefix_lm_mask(am, types, np.float32),
-         "sliding_attention": prefix_lm_mask(am, types, np.float32, tc.sliding_window)}
+cos, sin = rope_tables(prompt_positions(am), tc.head_dim, tc.rope_theta)
+masks = prefill_masks(am, types, tc, np.float32)     # {"full_attention", "sliding_attention"}: [B, 1, T, T]
 layer0, mask0 = model.params["text"]["layers"][0], masks[tc.layer_type(0)]
 capped = gemma2_block(trace["text.embed"], layer0, tc, cos, sin, mask0, None, 0)
 uncapped = gemma2_block(trace["text.embed"], layer0, replace(tc, attn_logit_softcapping=None), cos, sin, mask0, None, 0)

@@ -90,6 +90,26 @@ def check_token_ids(input_ids, cfg):
     return xp
 
 
+def prompt_positions(attention_mask):
+    """RoPE positions of a left-padded prompt batch: int[B, T] -> int[B, T].
+
+    1-indexed (HF: "Paligemma positions are 1-indexed"): the first real token of each row is 1,
+    whatever its left padding; pads get 1 too (their outputs are never used)."""
+    xp = array_module(attention_mask)
+    return xp.where(attention_mask > 0, xp.cumsum(attention_mask, axis=1), 1)
+
+
+def prefill_masks(attention_mask, token_type_ids, text_cfg, dtype):
+    """The additive prefill masks [B, 1, T, T] by layer type, as `decoder` takes them:
+    "full_attention" (the prefix-LM mask) and, for Gemma 2, "sliding_attention" (the same mask
+    limited to the last `sliding_window` keys)."""
+    masks = {"full_attention": prefix_lm_mask(attention_mask, token_type_ids, dtype)}
+    if text_cfg.sliding_window is not None:
+        masks["sliding_attention"] = prefix_lm_mask(attention_mask, token_type_ids, dtype,
+                                                    text_cfg.sliding_window)
+    return masks
+
+
 def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_type_ids=None,
             cache=None, logits_for="last", trace=None, image_tokens=None):
     """Run a whole (left-padded) prompt batch; fill `cache` if given.
@@ -106,12 +126,8 @@ def prefill(params, cfg, input_ids, attention_mask, pixel_values=None, token_typ
     if pixel_values is not None:
         image_tokens = encode_images(params, cfg, pixel_values, trace)
     h = merge_embeddings(params, cfg, input_ids, image_tokens)
-    # 1-indexed RoPE positions (HF: "Paligemma positions are 1-indexed"); pads get 1, unused
-    positions = xp.where(attention_mask > 0, xp.cumsum(attention_mask, axis=1), 1)
-    masks = {"full_attention": prefix_lm_mask(attention_mask, token_type_ids, h.dtype)}
-    if cfg.text.sliding_window is not None:
-        masks["sliding_attention"] = prefix_lm_mask(attention_mask, token_type_ids, h.dtype,
-                                                    cfg.text.sliding_window)
+    positions = prompt_positions(attention_mask)
+    masks = prefill_masks(attention_mask, token_type_ids, cfg.text, h.dtype)
     if cache is not None and cache.length:
         raise ValueError("prefill needs an empty cache")
     # Rows are left-padded, so every row's last real token is at T-1, and when only the next

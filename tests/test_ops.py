@@ -116,3 +116,21 @@ def test_patchify_matches_convolution():
     ref = np.array([[np.sum(x[0, :, gy * P:(gy + 1) * P, gx * P:(gx + 1) * P] * w[d])
                      for d in range(D)] for gy in range(2) for gx in range(2)])
     np.testing.assert_allclose(ours[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_positions_are_one_indexed_from_the_first_real_token():
+    """HF PaliGemma counts positions from 1 and left padding does not shift them (spec: positions)."""
+    from npvlm.paligemma import prompt_positions
+    am = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(prompt_positions(am), [[1, 1, 1, 2, 3], [1, 2, 3, 4, 5]])
+
+
+def test_prefill_masks_per_layer_type():
+    from types import SimpleNamespace
+    from npvlm.paligemma import prefill_masks
+    am, tt = np.ones((1, 6), int), np.array([[0, 0, 0, 0, 1, 1]])
+    gemma1 = prefill_masks(am, tt, SimpleNamespace(sliding_window=None), np.float32)
+    assert list(gemma1) == ["full_attention"]
+    np.testing.assert_array_equal(gemma1["full_attention"], prefix_lm_mask(am, tt, np.float32))
+    gemma2 = prefill_masks(am, tt, SimpleNamespace(sliding_window=2), np.float32)
+    np.testing.assert_array_equal(gemma2["sliding_attention"], prefix_lm_mask(am, tt, np.float32, 2))
