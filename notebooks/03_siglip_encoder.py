@@ -116,7 +116,9 @@ print(compare("npvlm.attention.attention", merged, attention(q, k, v, None, E **
 # ### Where a patch looks
 #
 # Take the patch at the center of the circle and draw, for every head of the **last** layer,
-# its attention weights over the grid on top of the image (brighter = more weight). In a trained
+# its attention weights over the grid on top of the image (brighter = more weight). A trace
+# (`trace={}`) records every layer's weights as `vision.attn.NN` (and the decoder's as
+# `text.attn.NN`), the same probabilities HF returns with `output_attentions`. In a trained
 # model heads specialise: some stay on the object, some look at the other shapes or the background.
 
 # %%
@@ -125,6 +127,9 @@ for p in model.params["vision"]["layers"][:-1]:                   # run up to th
     h = encoder_layer(h, p, vcfg)
 last = model.params["vision"]["layers"][-1]
 probs_last = attention_probs(layer_norm(h, **last["layer_norm1"], eps=vcfg.layer_norm_eps), last["self_attn"])
+traced = {}                                                       # a trace records them for every layer
+vision_tower(pixel_values, model.params["vision"], vcfg, traced)
+print(compare(f"by hand == traced vision.attn.{L - 1:02d}", probs_last, traced[f"vision.attn.{L - 1:02d}"]))
 
 scene = make_scene(22)                                            # the sample scene's ground truth
 circle = next(o for o in scene.objects if o.shape == "circle")
@@ -187,11 +192,13 @@ print(compare("h + attn + mlp == encoder_layer", h2, encoder_layer(h0, layer, vc
 
 trace = {}
 features = vision_tower(pixel_values, model.params["vision"], vcfg, trace)
-print(f"vision_tower: {list(pixel_values.shape)} -> {list(features.shape)}; stages: {list(trace)}")
-rms = [np.sqrt((trace[name] ** 2).mean()) for name in trace]
+stages = [name for name in trace if ".attn." not in name]          # the residual stream
+print(f"vision_tower: {list(pixel_values.shape)} -> {list(features.shape)}; stages: {stages} "
+      f"(+ {len(trace) - len(stages)} attention maps)")
+rms = [np.sqrt((trace[name] ** 2).mean()) for name in stages]
 fig, ax = plt.subplots(figsize=(6, 2.4))
 ax.plot(range(len(rms)), rms, "o-")
-ax.set_xticks(range(len(rms)), [n.replace("vision.", "") for n in trace], rotation=45, fontsize=8)
+ax.set_xticks(range(len(rms)), [n.replace("vision.", "") for n in stages], rotation=45, fontsize=8)
 ax.set_ylabel("RMS of h")
 plt.show()
 

@@ -6,6 +6,7 @@ G = Hq // Hk query heads per K/V head, E head dim.
 
 from .backend import array_module
 from .layers import softcap, softmax
+from .trace import record
 
 
 def rope_tables(positions, head_dim, theta):
@@ -34,13 +35,14 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, mask, scale, logit_cap=None):
+def attention(q, k, v, mask, scale, logit_cap=None, trace=None, name=None):
     """Scaled dot-product attention; query head j reads K/V head j // G (HF `repeat_kv` order),
     done by reshaping the queries, so K and V are never copied per head.
 
     q: [B, Hq, T, E], k, v: [B, Hk, S, E], mask: additive [B, 1, T, S] or None.
     scores = (q k^T) * scale, softcapped (Gemma 2) before the mask, softmax in fp32.
-    Returns [B, T, Hq*E].
+    Returns [B, T, Hq*E]. When tracing, the probabilities [B, Hq, T, S] are recorded as `name`
+    (HF's eager `attn_weights`, head order included).
     """
     B, Hq, T, E = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -53,6 +55,7 @@ def attention(q, k, v, mask, scale, logit_cap=None):
     if mask is not None:
         scores = scores + mask[:, :, None]                            # [B, 1, 1, T, S] broadcast
     probs = softmax(scores, axis=-1).reshape(B, Hk, G * T, S)
+    record(trace, name, probs.reshape(B, Hq, T, S))                   # head hk*G + g, as HF's
     out = (probs @ v).reshape(B, Hq, T, E)                            # [B, Hq, T, E]
     return out.transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
 

@@ -25,7 +25,7 @@ def embed_tokens(ids, table, cfg):
     return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
 
 
-def self_attention(x, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False):
+def self_attention(x, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False, trace=None):
     """Causal/prefix attention with RoPE on q and k, K/V written to the cache.
     x: [B, T, D] -> [B, T, D]  (last_only: queries for the last position only -> [B, 1, D];
     keys and values, and so the cache, still cover all T positions)"""
@@ -41,7 +41,8 @@ def self_attention(x, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False)
     q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.write(layer_idx, k, v)                                             # [B, Hk, S, E]
-    out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)       # [B, T, Hq*E]
+    out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping,     # [B, T, Hq*E]
+                    trace=trace, name=f"text.attn.{layer_idx:02d}")
     return linear(out, p["o_proj"]["weight"])
 
 
@@ -51,7 +52,7 @@ def geglu(x, p):
                   p["down_proj"]["weight"])
 
 
-def gemma_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False):
+def gemma_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False, trace=None):
     """Gemma 1 layer: two pre-norm residual branches.
     (big_vision calls `post_attention_layernorm` `pre_ffw_norm`: it normalises the MLP input.)
     last_only: the caller needs this layer's output at the last position only (the final layer
@@ -59,12 +60,12 @@ def gemma_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False):
     needs them), the rest for the last row alone -> [B, 1, D]."""
     eps = cfg.rms_norm_eps
     a = self_attention(rms_norm(h, p["input_layernorm"]["weight"], eps), p["self_attn"], cfg,
-                       cos, sin, mask, cache, layer_idx, last_only)
+                       cos, sin, mask, cache, layer_idx, last_only, trace)
     h = (h[:, -1:] if last_only else h) + a
     return h + geglu(rms_norm(h, p["post_attention_layernorm"]["weight"], eps), p["mlp"])
 
 
-def gemma2_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False):
+def gemma2_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False, trace=None):
     """Gemma 2 layer. What differs from Gemma 1: each branch output is RMS-normalised again
     before it joins the residual (`post_attention_layernorm` is a real *post* norm here, and
     `post_feedforward_layernorm` is new); the MLP input norm is `pre_feedforward_layernorm`.
@@ -73,7 +74,7 @@ def gemma2_block(h, p, cfg, cos, sin, mask, cache, layer_idx, last_only=False):
     `gemma_block`."""
     eps = cfg.rms_norm_eps
     a = self_attention(rms_norm(h, p["input_layernorm"]["weight"], eps), p["self_attn"], cfg,
-                       cos, sin, mask, cache, layer_idx, last_only)
+                       cos, sin, mask, cache, layer_idx, last_only, trace)
     h = (h[:, -1:] if last_only else h) + rms_norm(a, p["post_attention_layernorm"]["weight"], eps)
     m = geglu(rms_norm(h, p["pre_feedforward_layernorm"]["weight"], eps), p["mlp"])
     return h + rms_norm(m, p["post_feedforward_layernorm"]["weight"], eps)

@@ -75,7 +75,7 @@ def decoder(h, params, cfg, positions, masks, cache, trace=None, last_only=False
     n_layers = len(params["layers"])
     for i, layer in enumerate(params["layers"]):
         h = block(h, layer, cfg, cos, sin, masks[cfg.layer_type(i)], cache, i,
-                  last_only=last_only and i == n_layers - 1)
+                  last_only=last_only and i == n_layers - 1, trace=trace)
         record(trace, f"text.layer.{i:02d}", h)
     return h
 

@@ -31,8 +31,9 @@ def patch_embed(pixels, p, cfg):
     return linear(patches, **p["patch_embedding"]) + p["position_embedding"]
 
 
-def self_attention(x, p, cfg):
-    """Bidirectional multi-head attention over the patches.  [B, N, D] -> [B, N, D]"""
+def self_attention(x, p, cfg, trace=None, name=None):
+    """Bidirectional multi-head attention over the patches.  [B, N, D] -> [B, N, D]
+    (tracing records the probabilities [B, H, N, N] as `name`)"""
     B, N, _ = x.shape
     H, E = cfg.num_attention_heads, cfg.head_dim
 
@@ -41,7 +42,7 @@ def self_attention(x, p, cfg):
     q = heads(linear(x, **p["q_proj"]))
     k = heads(linear(x, **p["k_proj"]))
     v = heads(linear(x, **p["v_proj"]))
-    return linear(attention(q, k, v, None, E ** -0.5), **p["out_proj"])
+    return linear(attention(q, k, v, None, E ** -0.5, trace=trace, name=name), **p["out_proj"])
 
 
 def mlp(x, p):
@@ -49,10 +50,10 @@ def mlp(x, p):
     return linear(gelu_tanh(linear(x, **p["fc1"])), **p["fc2"])
 
 
-def encoder_layer(h, p, cfg):
+def encoder_layer(h, p, cfg, trace=None, name=None):
     """Pre-LN transformer block.  [B, N, D] -> [B, N, D]"""
     eps = cfg.layer_norm_eps
-    h = h + self_attention(layer_norm(h, **p["layer_norm1"], eps=eps), p["self_attn"], cfg)
+    h = h + self_attention(layer_norm(h, **p["layer_norm1"], eps=eps), p["self_attn"], cfg, trace, name)
     return h + mlp(layer_norm(h, **p["layer_norm2"], eps=eps), p["mlp"])
 
 
@@ -61,7 +62,7 @@ def vision_tower(pixels, p, cfg, trace=None):
     h = patch_embed(pixels, p, cfg)
     record(trace, "vision.embed", h)
     for i, layer in enumerate(p["layers"]):
-        h = encoder_layer(h, layer, cfg)
+        h = encoder_layer(h, layer, cfg, trace, f"vision.attn.{i:02d}")
         record(trace, f"vision.layer.{i:02d}", h)
     h = layer_norm(h, **p["post_layernorm"], eps=cfg.layer_norm_eps)
     record(trace, "vision.post_norm", h)

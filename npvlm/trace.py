@@ -5,6 +5,9 @@ names, the same names the golden files use:
 
     vision.embed, vision.layer.NN, vision.post_norm, projector,
     text.embed, text.layer.NN, text.final_norm, logits
+
+and the attention probabilities of every layer, `vision.attn.NN` [B, H, N, N] and `text.attn.NN`
+[B, Hq, T, S] (HF's eager `attn_weights`; S = T in a prefill, the cache length in a decode step).
 """
 
 from dataclasses import dataclass

@@ -53,7 +53,7 @@ def fresh(request, torch_and_transformers, tmp_path_factory):
     spec = SPECS[request.param]
     model = ref.build_tiny_model(spec, seed=1234)
     inputs = ref.make_inputs(spec, seed=99)
-    stages = ref.capture_stages(model, **inputs)
+    stages = ref.capture_stages(model, **inputs, attentions=True)
     plain = {**inputs, "token_type_ids": np.zeros_like(inputs["token_type_ids"])}   # generation input
     tokens = ref.greedy_generate(model, **plain, max_new_tokens=32)
     folders = {}
@@ -85,9 +85,14 @@ def test_fresh_model_every_stage(fresh, backend):
     model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                   inputs["token_type_ids"], logits_for="all", trace=trace)
     real = inputs["attention_mask"].astype(bool)
+
+    def meaningful(stage):            # real tokens; for attention, the rows of real queries
+        if stage.startswith("text.attn."):
+            return real[:, None, :]   # [B, 1, T] -> broadcast over heads and keys
+        return real if stage.startswith(("text.", "logits")) else None
     print(f"\nlive {name}")
-    results = compare_stages(trace, stages, list(stages),
-                             where=lambda n: real if n.startswith(("text.", "logits")) else None)
+    assert any(n.startswith("vision.attn.") for n in stages) and any(n.startswith("text.attn.") for n in stages)
+    results = compare_stages(trace, stages, list(stages), where=meaningful)
     assert all(r.ok for r in results), [r.name for r in results if not r.ok]
 
 

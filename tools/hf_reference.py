@@ -260,7 +260,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy().copy()
 
 
-def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_values) -> dict[str, np.ndarray]:
+def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_values,
+                   attentions: bool = False) -> dict[str, np.ndarray]:
     """One fp32 forward pass with hooks; returns float32 arrays keyed by stage name.
 
     - ``vision.embed``       [B,N,Dv]  SigLIP patch + position embeddings
@@ -271,6 +272,8 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
     - ``text.layer.KK``      [B,T,D]   output of Gemma decoder layer KK
     - ``text.final_norm``    [B,T,D]   language_model.norm output
     - ``logits``             [B,T,V]   all positions
+    - with ``attentions``: ``vision.attn.KK`` [B,H,N,N] and ``text.attn.KK`` [B,Hq,T,T], the
+      eager attention modules' ``attn_weights`` (softmax probabilities, K/V heads repeated)
 
     Positions are passed explicitly (``cumsum(attention_mask)``, pads = 1) and ``token_type_ids``
     must be given (zeros over the prompt); without them transformers 5.x runs purely causal.
@@ -291,6 +294,12 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
 
         return hook
 
+    def record_weights(name: str) -> Callable:
+        def hook(_module, _inputs, output):        # eager attention returns (out, attn_weights)
+            out[name] = _to_numpy(output[1])
+
+        return hook
+
     def record_layer0_input(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         out["text.embed"] = _to_numpy(hidden)
@@ -305,6 +314,11 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
         for i, layer in enumerate(lm.layers):
             handles.append(layer.register_forward_hook(record(f"text.layer.{i:02d}")))
         handles.append(lm.norm.register_forward_hook(record("text.final_norm")))
+        if attentions:
+            for prefix, layers in (("vision", vt.encoder.layers), ("text", lm.layers)):
+                for i, layer in enumerate(layers):
+                    handles.append(layer.self_attn.register_forward_hook(
+                        record_weights(f"{prefix}.attn.{i:02d}")))
         with torch.no_grad():
             result = model(
                 input_ids=ids,
