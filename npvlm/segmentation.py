@@ -60,11 +60,12 @@ DECODER_LAYERS = {
     "decoder.12": ("conv", lambda D: (1, 16, 1, 1)),
 }
 CODEBOOK_KEY = "_vq_vae._embedding"
-# Checkpoint keys that decoding does not need, each skipped by a named rule.
-SKIPPED = {
-    "encoder.": "the VQ-VAE encoder only made the training targets (mask -> codes)",
-    "_vq_vae.": "quantizer training state; decoding needs only _vq_vae._embedding",
-}
+# Only the codebook and the `decoder.` keys are read: big_vision's `_get_params` reads exactly
+# these names from vae-oid.npz. Everything else in the file (the VQ-VAE encoder, which only made
+# the training targets, and quantizer state) is ignored, by rule rather than by a list: the full
+# key list of the official file is not verified here, and a key the decoder cannot use must not
+# make the real file unloadable. An unknown `decoder.` key does mean another decoder: an error.
+DECODER_PREFIX = "decoder."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +121,8 @@ def load_vae(path):
       "_vq_vae._embedding": float32[K, D]  the codebook (K = 128; D read from the file)
       "decoder.N" / "decoder.N.net.M": {"w": float32[k, k, I, O], "b": float32[O]}, the weights
         converted once (`conv_kernel`, `conv_transpose_kernel`) so every tap is `x @ w[dy, dx]`.
-    Encoder keys (and other quantizer state) are skipped by the rules in SKIPPED; a missing
-    decoder key, a wrong shape or any other unexpected key is a one-line CheckpointError.
+    Keys outside the decoder (encoder, quantizer state) are ignored; a missing decoder key, a
+    wrong shape or an unknown `decoder.` key is a one-line CheckpointError.
     Never unpickles (`allow_pickle=False`). Move it to a GPU with `backend.to_device(vae, cupy)`.
     """
     arrays = _read_npz(path)
@@ -142,10 +143,10 @@ def load_vae(path):
         b = _checked(path, arrays, f"{name}.bias", (out_channels,))
         vae[name] = {"w": conv_kernel(w) if kind == "conv" else conv_transpose_kernel(w), "b": b}
         used |= {f"{name}.weight", f"{name}.bias"}
-    unexpected = sorted(k for k in arrays if k not in used and not k.startswith(tuple(SKIPPED)))
+    unexpected = sorted(k for k in arrays if k not in used and k.startswith(DECODER_PREFIX))
     if unexpected:
         more = f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise CheckpointError(f"{path}: unexpected keys {unexpected[:3]}{more}; "
+        raise CheckpointError(f"{path}: unexpected decoder keys {unexpected[:3]}{more}; "
                               "not the PaliGemma VQ-VAE decoder layout")
     return vae
 
