@@ -1,6 +1,9 @@
 """Image loading and preprocessing: equal to HF 5.24 `SiglipImageProcessorPil`, plus our documented
 improvements (EXIF orientation, 16-bit scaling) and one-line InputErrors for every bad input."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,7 +50,29 @@ def assert_close(ours, ref, tol=1e-6):
     assert diff <= tol
 
 
-# ---- parity with HF -------------------------------------------------------------------------
+# ---- parity with HF: committed goldens (no torch needed) --------------------------------------
+
+PREPROCESS_GOLDENS = Path(__file__).resolve().parent / "goldens" / "preprocess"
+GOLDEN_CASES = json.loads((PREPROCESS_GOLDENS / "meta.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_preprocess_equals_hf_golden(name, tmp_path):
+    """HF `SiglipImageProcessorPil` outputs written by tools/make_preprocess_goldens.py: PNG files
+    in every PIL mode (read from disk by npvlm, as run.py does), HWC arrays, the sample scene at
+    64 and 224 px."""
+    case = GOLDEN_CASES[name]
+    with np.load(PREPROCESS_GOLDENS / "goldens.npz") as g:
+        data, ref = g[f"{name}.input"], g[f"{name}.pixels"]
+    if case["kind"] == "png":
+        path = tmp_path / "input.png"
+        path.write_bytes(data.tobytes())
+        assert Image.open(path).mode == case["mode"]
+        data = path
+    assert_close(preprocess(data, case["size"]), ref)
+
+
+# ---- parity with HF, live -------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wh", SIZES, ids=lambda wh: f"{wh[0]}x{wh[1]}")
