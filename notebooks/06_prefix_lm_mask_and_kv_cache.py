@@ -191,6 +191,37 @@ print(f"one cached decode step: {1000 * np.median(step_s):.1f} ms; recomputing {
       f"{1000 * full_s:.1f} ms")
 
 # %% [markdown]
+# ## 5. What the answer looks at
+#
+# A trace also records every layer's attention probabilities (`text.attn.NN`, `[B, Hq, T, S]`,
+# the same numbers HF returns with `output_attentions`). Rerun the recompute with a trace. Left:
+# the last layer's weights averaged over heads (log scale): the mask of section 2, filled in:
+# the prefix block (image + prompt, all to all) and the causal suffix. Right: for the query that
+# writes each answer token, how its weight on the image tokens spreads over the patch grid.
+
+# %%
+trace = {}
+model.prefill(full_ids, full_mask, pixels, full_types, logits_for="all", trace=trace)
+L = len(model.params["text"]["layers"])
+attn = trace[f"text.attn.{L - 1:02d}"][0].mean(0)                       # [T', T'], heads averaged
+g = int(round(np.sqrt(N)))
+S_px = pixels.shape[-1]
+shown = [t for t in range(NEW) if tok.decode([new_ids[t]]).strip().isalpha()][:6]   # the words
+fig, axes = plt.subplots(1, 1 + len(shown), figsize=(2.6 * (1 + len(shown)), 2.8))
+axes[0].imshow(np.log10(attn + 1e-6), cmap="viridis")
+axes[0].set_title(f"layer {L - 1}, log10 weight", fontsize=9)
+axes[0].set_xlabel("key")
+axes[0].set_ylabel("query")
+scene_img = (pixels[0].transpose(1, 2, 0) + 1) / 2
+for ax, t in zip(axes[1:], shown):
+    row = attn[T - 1 + t]                                               # the query that writes token t
+    ax.imshow(scene_img, extent=(0, S_px, S_px, 0))
+    ax.imshow(row[:N].reshape(g, g), extent=(0, S_px, S_px, 0), cmap="magma", alpha=0.7)
+    ax.set_title(f"{tok.decode([new_ids[t]]).strip()!r}: {100 * row[:N].sum():.0f}% on image", fontsize=9)
+    ax.axis("off")
+plt.show()
+
+# %% [markdown]
 # ## Check against Hugging Face
 #
 # 1. `pg1_mqa_hub` (a left-padded batch of two): prefill + cached greedy decoding must give HF's
