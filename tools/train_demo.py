@@ -189,26 +189,53 @@ def lr_at(step, args):
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def save_state(work, model, aux_head, opt, step, log):
+# The options that shape the run: a resumed run must use the ones it started with, or its
+# learning rate and task mix would change mid-run (the second stage's may still change while the
+# run is in its first stage, which never reads them).
+SCHEDULE = ("steps", "lr", "warmup", "warmup_tasks", "batch_size", "weight_decay", "aux_weight")
+SECOND_STAGE = ("detect_steps", "detect_lr")
+
+
+def schedule_of(args):
+    return {k: getattr(args, k) for k in SCHEDULE + SECOND_STAGE}
+
+
+def check_resume(saved, args, step, work):
+    """Exit with one line if resuming from `step` with these options would change the run."""
+    if saved is None:               # states written before the schedule was recorded
+        return
+    now = schedule_of(args)
+    keys = SCHEDULE + (SECOND_STAGE if step > saved["steps"] else ())
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in keys if saved[k] != now[k]]
+    if changed:
+        sys.exit(f"{work}/state.pt was trained with {', '.join(changed)}; resuming would change the "
+                 "run mid-way: pass the same options, or start a fresh --work")
+
+
+def save_state(work, model, aux_head, opt, step, log, args):
     tmp = work / "state.pt.tmp"
     torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
-                "step": step, "log": log, "arch": ARCH}, tmp)
+                "step": step, "log": log, "arch": ARCH, "schedule": schedule_of(args)}, tmp)
     os.replace(tmp, work / "state.pt")
 
 
 def export(model, tok_path, log, args):
     import hf_reference
     model.eval()
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
     # BF16, as the official checkpoints: 5.4 M parameters in F32 would be 21.8 MB (limit 16 MB).
     # Both npvlm and transformers widen the stored BF16 values to fp32 exactly when loading.
-    hf_reference.save_hub_layout(model, str(OUT), dtype="bf16", n_shards=1)
-    shutil.copy(tok_path, OUT / "tokenizer.model")
-    size = sum(p.stat().st_size for p in OUT.iterdir())
-    print(f"exported to {OUT} ({size / 1e6:.1f} MB)")
-    (ROOT / "docs" / "demo_training.json").write_text(json.dumps(
-        {"arch": ARCH, "seed": SEED, "args": vars(args) | {"work": None}, "log": log}, indent=1) + "\n")
+    hf_reference.save_hub_layout(model, str(out), dtype="bf16", n_shards=1)
+    shutil.copy(tok_path, out / "tokenizer.model")
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"exported to {out} ({size / 1e6:.1f} MB)")
+    # the shipped model's log goes to docs/ (the curve in docs/demo.md); an experiment's stays with it
+    record = out / "training.json" if out.resolve() != OUT.resolve() else ROOT / "docs" / "demo_training.json"
+    record.write_text(json.dumps(
+        {"arch": ARCH, "seed": SEED, "args": vars(args) | {"work": None, "out": None}, "log": log},
+        indent=1) + "\n")
 
 
 def main():
@@ -226,6 +253,9 @@ def main():
                    help="steps at the start that train captions and color questions only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".demo_train")
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="checkpoint folder to write (default: the package's demo model; its training "
+                        "log goes to docs/demo_training.json, any other folder's into the folder)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--export-only", action="store_true")
     p.add_argument("--probe", type=int, default=0, help="time this many steps and exit")
@@ -258,6 +288,7 @@ def main():
         step, log = state["step"], state["log"]
         if state.get("arch", ARCH) != ARCH:
             sys.exit(f"{args.work}/state.pt was trained with arch {state['arch']}, not {ARCH}")
+        check_resume(state.get("schedule"), args, step, args.work)
         print(f"resumed at step {step}", flush=True)
     if args.export_only:
         export(model, TOKENIZER, log, args)
@@ -300,7 +331,7 @@ def main():
             log.append({"step": step, "val": validate(model, val, tok)})
             print(f"step {step} validation (teacher-forced; detect: IoU >= 0.5): {log[-1]['val']}", flush=True)
         if step % args.save_every == 0 or step in (args.steps, total):
-            save_state(args.work, model, aux_head, opt, step, log)
+            save_state(args.work, model, aux_head, opt, step, log, args)
     export(model, TOKENIZER, log, args)
 
 
