@@ -12,8 +12,11 @@ Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the nu
 matter are commented where they happen.
 """
 
+import numpy as np
+
 from .attention import apply_rope, attention
 from .backend import array_module
+from .bf16 import BF16Matrix, matmul_t
 from .layers import gelu_tanh, linear, rms_norm, softcap
 
 
@@ -21,6 +24,8 @@ def embed_tokens(ids, table, cfg):
     """Token embeddings times sqrt(D). The constant is cast to the activation dtype first
     (fp32: 45.254834 for D=2048), as HF's `GemmaTextScaledWordEmbedding` does.
     ids: int[B, T] -> [B, T, D]"""
+    if isinstance(table, BF16Matrix):                   # weights="bf16": widen the gathered rows
+        return table.take(ids) * np.float32(cfg.embed_scale)
     xp = array_module(table)
     return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
 
@@ -87,7 +92,7 @@ def lm_head(h, p, cfg):
     """Final RMSNorm, then logits against the tied embedding; Gemma 2 softcaps them
     (cap * tanh(logits / cap), as transformers 5.x does).  [..., D] -> [..., V]"""
     h = rms_norm(h, p["norm"]["weight"], cfg.rms_norm_eps)
-    logits = h @ p["embed_tokens"]["weight"].T
+    logits = matmul_t(h, p["embed_tokens"]["weight"])                  # h @ E^T
     if cfg.final_logit_softcapping is not None:
         logits = softcap(logits, cfg.final_logit_softcapping)
     return h, logits

@@ -11,14 +11,16 @@ runs on NumPy and CuPy. Reductions (norm statistics, softmax) run in fp32.
 import math
 
 from .backend import array_module
+from .bf16 import matmul_t
 
 
 def linear(x, weight, bias=None):
     """x @ W^T + b, W in PyTorch's Linear layout [out, in] (as in the checkpoint, so every weight
     equals HF's tensor). The transpose is a free view: BLAS reads W^T directly, at the same speed
     as a pre-transposed copy, for matrices (prefill) and vectors (decode) alike.
+    W may also be a `bf16.BF16Matrix` (weights="bf16"), widened block by block.
     # [..., in] -> [..., out]"""
-    y = x @ weight.T
+    y = matmul_t(x, weight)
     if bias is not None:
         y += bias
     return y

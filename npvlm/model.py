@@ -13,7 +13,8 @@ from .config import load_config
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import check_generation_args, generate_ids
 from .sampling import SamplingOptions
-from .weights import load_params
+from .bf16 import BF16Matrix
+from .weights import WEIGHT_MODES, load_params
 
 
 @dataclass
@@ -56,6 +57,8 @@ class PaliGemma:
         self.path = path
         self._processor = processor
         self.load_s = load_s
+        # "bf16" when the matrices are kept in bfloat16 (npvlm.load(..., weights="bf16"))
+        self.weights = "bf16" if isinstance(params["text"]["embed_tokens"]["weight"], BF16Matrix) else "fp32"
 
     @property
     def backend(self):
@@ -182,7 +185,8 @@ class PaliGemma:
     def __repr__(self):
         v, t = self.cfg.vision, self.cfg.text
         return (f"PaliGemma({t.model_type}, image {v.image_size}px -> {v.num_patches} tokens, "
-                f"text {t.num_hidden_layers}x{t.hidden_size}, vocab {t.vocab_size}, backend {self.backend})")
+                f"text {t.num_hidden_layers}x{t.hidden_size}, vocab {t.vocab_size}, backend {self.backend}"
+                f"{', weights bf16' if self.weights == 'bf16' else ''})")
 
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
@@ -206,11 +210,22 @@ def check_model_dir(path):
     return path
 
 
-def load(path, backend="numpy"):
+def check_weights_option(weights, backend):
+    """The `weights` choice of `load`, checked before anything is read."""
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    if weights == "bf16" and backend != "numpy":
+        raise InputError('weights="bf16" is a CPU memory saving for the numpy backend; on a GPU '
+                         "use the default fp32 weights")
+
+
+def load(path, backend="numpy", weights="fp32"):
     """Load a PaliGemma model folder (config.json + safetensors [+ tokenizer.model]) onto
     `backend` ("numpy" or "cupy"); "demo" is the embedded demo model. Weights are checked
-    strictly and widened to fp32 once."""
+    strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
+    (half the memory, slower decoding; NumPy only; npvlm/bf16.py)."""
     t0 = time.perf_counter()
+    check_weights_option(weights, backend)
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
     cfg = load_config(path)
@@ -218,7 +233,7 @@ def load(path, backend="numpy"):
     if (path / "tokenizer.model").is_file():
         from .processor import Processor  # noqa: PLC0415 (needs sentencepiece + pillow)
         processor = Processor.from_model_dir(path, cfg)
-    params = load_params(path, cfg)
+    params = load_params(path, cfg, weights)
     if xp.__name__ != "numpy":
         params = to_device(params, xp)
     return PaliGemma(cfg, params, xp, path, processor, load_s=time.perf_counter() - t0)

@@ -11,6 +11,7 @@ All checkpoint surgery happens here, once, through explicit tables:
 4. Tensors are widened to fp32 (BF16 exactly, by a 16-bit shift) one at a time and kept in
    PyTorch's layout (Linear weights `[out, in]`; compute is `x @ w.T`, a free transposed view),
    so every array equals the checkpoint's tensor; only the patch-embedding kernel is reshaped.
+   With weights="bf16" the multiplied matrices stay bfloat16 instead (`npvlm/bf16.py`).
 
 The result is a nested dict that mirrors the Hugging Face module tree:
 `params["text"]["layers"][3]["self_attn"]["q_proj"]["weight"]` is `[Hq*E, D]`.
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
-from .safetensors_io import SafetensorsFile
+from .bf16 import BF16Matrix
+from .errors import CheckpointError, InputError
+from .safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16
 
 VISION = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
@@ -209,9 +211,26 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, delay=3, file=sys.stderr, leave=False)
 
 
-def load_params(model_dir, cfg):
-    """Read, check and convert every weight of a model folder. Returns the fp32 NumPy tree
-    `{"vision": ..., "projector": ..., "text": ...}` (see module docstring)."""
+WEIGHT_MODES = ("fp32", "bf16")
+
+
+def _kept_in_bf16(name, shape):
+    """weights="bf16": the matrices that are multiplied (not the added position embedding, not
+    the 1-D norms and biases) stay bfloat16."""
+    return len(shape) >= 2 and not name.endswith("position_embedding.weight")
+
+
+def _read_bf16(f, key):
+    """bfloat16 bits of a tensor: as stored for BF16, rounded (nearest even) for F32/F16."""
+    return f.read_raw(key) if f.dtype(key) == "BF16" else f32_to_bf16(f.read(key))
+
+
+def load_params(model_dir, cfg, weights="fp32"):
+    """Read, check and convert every weight of a model folder. Returns the NumPy tree
+    `{"vision": ..., "projector": ..., "text": ...}` (see module docstring): fp32 arrays, or with
+    weights="bf16" the multiplied matrices as `bf16.BF16Matrix` (half the memory)."""
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     files, weight_map = checkpoint_files(model_dir)
     handles = []
     try:
@@ -265,7 +284,10 @@ def load_params(model_dir, cfg):
         bar = _progress(sum(located[n][0].nbytes(located[n][1]) for n in expected), "loading weights")
         for name in expected:
             f, key = located[name]
-            flat[name] = _convert(name, f.read(key), cfg)
+            if weights == "bf16" and _kept_in_bf16(name, expected[name]):
+                flat[name] = BF16Matrix(_convert(name, _read_bf16(f, key), cfg))
+            else:
+                flat[name] = _convert(name, f.read(key), cfg)
             if bar is not None:
                 bar.update(f.nbytes(key))
         if bar is not None:
@@ -300,6 +322,10 @@ def _check_tied(lm_head_entry, embedding):
     f, key = lm_head_entry
     head = f.read(key)
     rows = np.linspace(0, embedding.shape[0] - 1, num=min(64, embedding.shape[0])).astype(int)
-    if not np.array_equal(head[rows], embedding[rows]):
+    if isinstance(embedding, BF16Matrix):     # weights="bf16": compare both rounded to bf16
+        head_rows, embedding_rows = bf16_to_f32(f32_to_bf16(head[rows])), embedding.take(rows)
+    else:
+        head_rows, embedding_rows = head[rows], embedding[rows]
+    if not np.array_equal(head_rows, embedding_rows):
         raise CheckpointError(f"{f.path}: '{key}' differs from the token embedding; PaliGemma ties "
                               "the output head to the embedding, so this is not a PaliGemma checkpoint")

@@ -52,6 +52,7 @@ class Inputs:
     api_kwargs: dict = field(default_factory=dict)   # extra model.generate(...) arguments
     cli_args: list = field(default_factory=list)     # extra run.py arguments
     backend: str = "numpy"
+    weights: str = "fp32"              # --weights / npvlm.load(weights=...)
     draw: Path = None                  # --draw OUT / npvlm.io.save_image_atomic
     allow_huge: bool = False           # --allow-huge-image / load_image(allow_huge=True)
     vae: Path = None                   # --vae FILE / npvlm.segmentation.load_vae
@@ -684,6 +685,16 @@ CASES = [
          options_case(backend="cupy"), (BackendError, "backend 'cupy' is not usable"),
          (1, "backend 'cupy' is not usable"), "use --backend numpy, or install cupy on a GPU "
                                                "machine", needs_no_gpu=True),
+    Case("weights-unknown", PROMPT, "unknown weight storage", options_case(weights="int8"),
+         (InputError, "weights must be one of fp32, bf16, not 'int8'"),
+         (2, "argument --weights: invalid choice: 'int8'"), "use fp32 (default) or bf16", before_load=True),
+    Case("weights-bf16-on-cupy", PROMPT, "bf16 weights with the cupy backend",
+         options_case(backend="cupy", weights="bf16"),
+         (InputError, 'weights="bf16" is a CPU memory saving for the numpy backend'),
+         (1, 'weights="bf16" is a CPU memory saving for the numpy backend'),
+         "use the default fp32 weights on a GPU", before_load=True),
+    Case("weights-bf16-works", PROMPT, "bf16 weights on the numpy backend (not an error)",
+         options_case(weights="bf16"), None, (0, None)),
     # -- output
     Case("draw-missing-folder", OUTPUT, "--draw into a folder that does not exist",
          draw_case(lambda tmp, base: tmp / "nope" / "out.png"),
@@ -726,7 +737,7 @@ def run_api(inp):
         if inp.vae is not None:
             from npvlm.segmentation import load_vae
             load_vae(inp.vae)
-        model = npvlm.load(inp.model, backend=inp.backend)
+        model = npvlm.load(inp.model, backend=inp.backend, weights=inp.weights)
         image = load_image(inp.image, allow_huge=True) if inp.allow_huge else inp.image
         out = model.generate(image, inp.prompt, **{"max_new_tokens": 2, **inp.api_kwargs})
         if inp.draw is not None:
@@ -738,6 +749,7 @@ def run_api(inp):
 def cli_argv(inp):
     argv = [str(inp.image), inp.cli_prompt if inp.cli_prompt is not None else inp.prompt,
             "--model", str(inp.model), "--max-new-tokens", "2", "--backend", inp.backend,
+            "--weights", inp.weights,
             *inp.cli_args]
     if inp.draw is not None:
         argv += ["--draw", str(inp.draw)]

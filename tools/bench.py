@@ -131,9 +131,9 @@ def worker_npvlm(args):
     import npvlm
     from npvlm.backend import synchronize
     t0 = time.perf_counter()
-    model = npvlm.load(args.model, backend=args.backend)
+    model = npvlm.load(args.model, backend=args.backend, weights=args.weights)
     synchronize(model.xp)
-    out = {"load_s": time.perf_counter() - t0}
+    out = {"load_s": time.perf_counter() - t0, "weights_gb": tree_nbytes(model.params) / 1e9}
     ids, mask, pixels = bench_inputs(args.size)
     runs = []
     for _ in range(args.repeats + 1):          # the first run warms up and is dropped
@@ -154,9 +154,17 @@ def worker_npvlm(args):
                      "decode_tok_s": (args.new_tokens - 1) / (t3 - t2)})
     out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
-    if args.backend == "numpy":
+    if args.backend == "numpy" and args.weights == "fp32":
         out.update(pure_blas_times(model, ids.shape[1], args.repeats))
     return out
+
+
+def tree_nbytes(tree):
+    if isinstance(tree, dict):
+        return sum(tree_nbytes(v) for v in tree.values())
+    if isinstance(tree, list):
+        return sum(tree_nbytes(v) for v in tree)
+    return tree.nbytes
 
 
 def pure_blas_times(model, T, repeats):
@@ -337,7 +345,8 @@ def run_worker(kind, size, folder, args):
     warm_page_cache(folder)
     cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--model", str(folder),
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device]
+           "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device,
+           "--weights", getattr(args, "weights", "fp32")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -403,6 +412,30 @@ def model_params_bytes(size):
     return 4 * sum(int(np.prod(s)) for s in expected_shapes(config_from_dict(config_dict(size))).values())
 
 
+def weights_table(args, info):
+    """fp32 vs bf16 weight storage, npvlm only, each in its own process."""
+    lines = ["Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())
+             + f". {args.new_tokens} new tokens, medians of {args.repeats} runs.", ""]
+    for size in args.sizes:
+        folder = make_checkpoint(size, args.cache)
+        runs = {}
+        for mode in ("fp32", "bf16"):
+            print(f"[{size}] npvlm weights {mode}", file=sys.stderr, flush=True)
+            args.weights = mode
+            runs[mode] = run_worker("npvlm", size, folder, args)
+        f, b = runs["fp32"], runs["bf16"]
+        lines += [f"### {SIZES[size]['name']}", "",
+                  "| weights | parameters in memory | peak RSS | load | time to first token | decode |",
+                  "|---|---|---|---|---|---|"]
+        for mode, r in runs.items():
+            lines.append(f"| {mode} | {r['weights_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB | {r['load_s']:.1f} s | "
+                         f"{r['ttft_s']:.2f} s | {r['decode_tok_s']:.2f} tok/s |")
+        lines += [f"| bf16 / fp32 | {b['weights_gb'] / f['weights_gb']:.2f}x | {b['peak_rss_gb'] / f['peak_rss_gb']:.2f}x | "
+                  f"{b['load_s'] / f['load_s']:.2f}x | {b['ttft_s'] / f['ttft_s']:.2f}x | "
+                  f"{b['decode_tok_s'] / f['decode_tok_s']:.2f}x |", ""]
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["3b", "mid"], choices=sorted(SIZES))
@@ -413,6 +446,10 @@ def main():
     p.add_argument("--backend", default="numpy")
     p.add_argument("--hf-device", default="cpu")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--weights-table", action="store_true",
+                   help="only npvlm, fp32 vs bf16 weights (npvlm.load(..., weights='bf16')): memory "
+                        "and speed; prints a table, writes nothing")
     p.add_argument("--worker", choices=["npvlm", "hf", "floor"])
     p.add_argument("--size", choices=sorted(SIZES))
     p.add_argument("--model")
@@ -422,6 +459,9 @@ def main():
         print(json.dumps(out))
         return
     info = machine_info(args)
+    if args.weights_table:
+        print(weights_table(args, info))
+        return
     sections = []
     for size in args.sizes:
         print(f"[{size}] checkpoint", file=sys.stderr, flush=True)

@@ -1,0 +1,95 @@
+"""weights="bf16": matrices kept as bfloat16 bits and widened block by block (npvlm/bf16.py).
+On the BF16 checkpoints (as all official ones are) it must equal HF at the fp32 tolerances,
+stage by stage and token for token, in half the memory."""
+
+import numpy as np
+import pytest
+
+import npvlm
+from npvlm import bf16
+from npvlm.bf16 import BF16Matrix, matmul_t
+from npvlm.errors import InputError
+from npvlm.generate import greedy_ids
+from npvlm.safetensors_io import bf16_to_f32, f32_to_bf16
+from npvlm.trace import compare, compare_stages
+
+from conftest import Golden, one_line_error, param_leaves
+
+BF16_GOLDENS = ["pg1_mqa_hub", "pg2_gqa_hub"]          # stored BF16, like the hub checkpoints
+rng = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3), (4, 5)])     # (4, 5): 20 rows, the GEMM blocks
+def test_blocked_product_equals_the_widened_matrix(monkeypatch, lead):
+    """Row blocks that do not divide O (and a block of one row) give x @ W^T of the widened W."""
+    O, I = 37, 16
+    bits = f32_to_bf16(rng.standard_normal((O, I), dtype=np.float32))
+    x = rng.standard_normal(lead + (I,), dtype=np.float32)
+    ref = x @ bf16_to_f32(bits).T
+    for rows in (1, 5, 37, 100):
+        monkeypatch.setattr(bf16, "BLOCK_ELEMENTS", rows * I)
+        monkeypatch.setattr(bf16, "GEMM_BLOCK_ELEMENTS", rows * I)
+        out = matmul_t(x, BF16Matrix(bits))
+        assert out.shape == lead + (O,) and out.dtype == np.float32
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    w = BF16Matrix(bits)
+    np.testing.assert_array_equal(w.take(np.array([[3, 0], [36, 3]])), bf16_to_f32(bits)[[[3, 0], [36, 3]]])
+
+
+def _real_tokens(golden):
+    mask = golden["attention_mask"].astype(bool)
+    return lambda name: mask if name.startswith(("text.", "logits")) else None
+
+
+@pytest.fixture(scope="module", params=BF16_GOLDENS)
+def pair(request):
+    golden = Golden(request.param)
+    return golden, npvlm.load(golden.model_dir, weights="bf16")
+
+
+def test_bf16_weights_match_hf_every_stage(pair):
+    golden, model = pair
+    assert model.weights == "bf16" and isinstance(model.params["text"]["embed_tokens"]["weight"], BF16Matrix)
+    trace = {}
+    model.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
+                  golden["token_type_ids"], logits_for="all", trace=trace)
+    print(f"\n{golden.name}, weights bf16")
+    results = compare_stages(trace, golden.arrays, golden.stage_names(), where=_real_tokens(golden))
+    assert all(r.ok for r in results), [r.name for r in results if not r.ok]
+
+
+def test_bf16_weights_greedy_and_batch_match_hf(pair):
+    golden, model = pair
+    ids, mask, pixels = golden["input_ids"], golden["attention_mask"], golden["pixel_values"]
+    ref = golden["greedy_tokens"]
+    np.testing.assert_array_equal(greedy_ids(model, ids, mask, pixels, max_new_tokens=ref.shape[1]), ref)
+    r = compare("logits[last]", model.prefill(ids, mask, pixels, golden["token_type_ids"]), golden["logits"][:, -1])
+    print(r)
+    assert r.ok
+
+
+def test_bf16_weights_take_half_the_memory(pair):
+    golden, model = pair
+    fp32 = npvlm.load(golden.model_dir)
+    nbytes = {name: sum(leaf.nbytes for _, leaf in param_leaves(m.params)) for name, m in
+              (("fp32", fp32), ("bf16", model))}
+    print(f"\nparameter bytes: {nbytes}")
+    assert 0.45 < nbytes["bf16"] / nbytes["fp32"] < 0.55
+    # the stored bf16 values are the checkpoint's: widening them gives the fp32 mode's weights
+    for (name, a), (_, b) in zip(param_leaves(fp32.params), param_leaves(model.params)):
+        np.testing.assert_array_equal(a, b.to_f32() if isinstance(b, BF16Matrix) else b, err_msg=name)
+
+
+def test_f32_checkpoint_is_rounded_to_bf16():
+    golden = Golden("pg1_gqa_v5")                      # stored F32
+    fp32, low = npvlm.load(golden.model_dir), npvlm.load(golden.model_dir, weights="bf16")
+    a, b = fp32.params["text"]["layers"][0]["mlp"]["up_proj"]["weight"], low.params["text"]["layers"][0]["mlp"]["up_proj"]["weight"]
+    np.testing.assert_array_equal(b.bits, f32_to_bf16(a))
+    assert not np.array_equal(b.to_f32(), a)           # random F32 weights are not bf16 values
+    # the position embedding is added, not multiplied: it stays fp32
+    assert isinstance(low.params["vision"]["position_embedding"], np.ndarray)
+
+
+def test_weights_option_errors():
+    one_line_error(InputError, lambda: npvlm.load("demo", weights="fp16"), "weights must be one of fp32, bf16")
+    one_line_error(InputError, lambda: npvlm.load("demo", backend="cupy", weights="bf16"), "numpy backend")
