@@ -12,11 +12,9 @@ Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the nu
 matter are commented where they happen.
 """
 
-import numpy as np
-
 from .attention import apply_rope, attention
 from .backend import array_module
-from .bf16 import BF16Matrix, matmul_t
+from .bf16 import matmul_t
 from .layers import gelu_tanh, linear, rms_norm, softcap
 
 
@@ -24,9 +22,7 @@ def embed_tokens(ids, table, cfg):
     """Token embeddings times sqrt(D). The constant is cast to the activation dtype first
     (fp32: 45.254834 for D=2048), as HF's `GemmaTextScaledWordEmbedding` does.
     ids: int[B, T] -> [B, T, D]"""
-    if isinstance(table, BF16Matrix):                   # weights="bf16": widen the gathered rows
-        return table.take(ids) * np.float32(cfg.embed_scale)
-    xp = array_module(table)
+    xp = array_module(table)                            # a BF16Matrix widens the rows it gives
     return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
 
 

@@ -14,7 +14,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .generate import check_generation_args, generate_ids
 from .sampling import SamplingOptions
 from .bf16 import BF16Matrix
-from .weights import WEIGHT_MODES, load_params
+from .weights import check_weights_mode, load_params
 
 
 @dataclass
@@ -212,8 +212,7 @@ def check_model_dir(path):
 
 def check_weights_option(weights, backend):
     """The `weights` choice of `load`, checked before anything is read."""
-    if weights not in WEIGHT_MODES:
-        raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    check_weights_mode(weights)
     if weights == "bf16" and backend != "numpy":
         raise InputError('weights="bf16" is a CPU memory saving for the numpy backend; on a GPU '
                          "use the default fp32 weights")

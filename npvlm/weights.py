@@ -214,6 +214,11 @@ def _progress(total, desc):
 WEIGHT_MODES = ("fp32", "bf16")
 
 
+def check_weights_mode(weights):
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+
+
 def _kept_in_bf16(name, shape):
     """weights="bf16": the matrices that are multiplied (not the added position embedding, not
     the 1-D norms and biases) stay bfloat16."""
@@ -229,8 +234,7 @@ def load_params(model_dir, cfg, weights="fp32"):
     """Read, check and convert every weight of a model folder. Returns the NumPy tree
     `{"vision": ..., "projector": ..., "text": ...}` (see module docstring): fp32 arrays, or with
     weights="bf16" the multiplied matrices as `bf16.BF16Matrix` (half the memory)."""
-    if weights not in WEIGHT_MODES:
-        raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    check_weights_mode(weights)
     files, weight_map = checkpoint_files(model_dir)
     handles = []
     try:
@@ -322,10 +326,9 @@ def _check_tied(lm_head_entry, embedding):
     f, key = lm_head_entry
     head = f.read(key)
     rows = np.linspace(0, embedding.shape[0] - 1, num=min(64, embedding.shape[0])).astype(int)
-    if isinstance(embedding, BF16Matrix):     # weights="bf16": compare both rounded to bf16
-        head_rows, embedding_rows = bf16_to_f32(f32_to_bf16(head[rows])), embedding.take(rows)
-    else:
-        head_rows, embedding_rows = head[rows], embedding[rows]
-    if not np.array_equal(head_rows, embedding_rows):
+    head_rows = head[rows]
+    if isinstance(embedding, BF16Matrix):     # weights="bf16": the embedding was rounded to bf16
+        head_rows = bf16_to_f32(f32_to_bf16(head_rows))
+    if not np.array_equal(head_rows, embedding[rows]):
         raise CheckpointError(f"{f.path}: '{key}' differs from the token embedding; PaliGemma ties "
                               "the output head to the embedding, so this is not a PaliGemma checkpoint")

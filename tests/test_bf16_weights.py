@@ -33,7 +33,8 @@ def test_blocked_product_equals_the_widened_matrix(monkeypatch, lead):
         assert out.shape == lead + (O,) and out.dtype == np.float32
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
     w = BF16Matrix(bits)
-    np.testing.assert_array_equal(w.take(np.array([[3, 0], [36, 3]])), bf16_to_f32(bits)[[[3, 0], [36, 3]]])
+    ids = np.array([[3, 0], [36, 3]])                 # an embedding lookup: W[ids]
+    np.testing.assert_array_equal(w[ids], bf16_to_f32(bits)[ids])
 
 
 def _real_tokens(golden):

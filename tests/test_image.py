@@ -11,23 +11,10 @@ from PIL import Image
 from npvlm.errors import InputError
 from npvlm.image import load_image, preprocess, preprocess_batch
 from conftest import one_line_error
+from make_preprocess_goldens import in_mode, random_rgba   # tools/ (no torch needed): the goldens' images
 
 SIZES = [(1, 1), (17, 9), (300, 200), (10000, 10)]          # (width, height)
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK", "1"]
-
-
-def random_rgba(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
-
-
-def in_mode(img, mode):
-    if mode in ("P", "P+transparency"):
-        p = img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-        if mode == "P+transparency":
-            p.info["transparency"] = 3        # palette entry 3 is transparent, as a GIF/PNG sets it
-        return p
-    return img.convert(mode)
 
 
 @pytest.fixture(scope="module")

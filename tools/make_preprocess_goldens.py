@@ -14,7 +14,6 @@ Needs transformers (dev only). Deterministic: seeded images, the same versions g
 import argparse
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "1"]
 TARGET = 28                                                   # output side for the synthetic cases
 
 
-def random_rgba(w, h, seed):
+def random_rgba(w, h, seed=0):
+    """Random RGBA noise: every channel value, and alpha from 0 to 255."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
 
@@ -38,7 +38,7 @@ def in_mode(img, mode):
     if mode.startswith("P"):
         p = img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
         if mode == "P+transparency":
-            p.info["transparency"] = 3
+            p.info["transparency"] = 3        # palette entry 3 is transparent, as a GIF/PNG sets it
         return p
     return img.convert(mode)
 

@@ -176,17 +176,18 @@ def validate(model, val, tok):
     return out
 
 
+def warmup_cosine(s, n, peak, warmup):
+    """Step s of an n-step schedule: linear warm-up to `peak`, then cosine decay to 5% of it."""
+    if s < warmup:
+        return peak * (s + 1) / warmup
+    progress = (s - warmup) / max(1, n - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def lr_at(step, args):
     if step >= args.steps:                      # second stage: warm restart at --detect-lr
-        s, n = step - args.steps, args.detect_steps
-        if s < args.warmup:
-            return args.detect_lr * (s + 1) / args.warmup
-        progress = (s - args.warmup) / max(1, n - args.warmup)
-        return args.detect_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return warmup_cosine(step - args.steps, args.detect_steps, args.detect_lr, args.warmup)
+    return warmup_cosine(step, args.steps, args.lr, args.warmup)
 
 
 # The options that shape the run: a resumed run must use the ones it started with, or its
@@ -225,7 +226,7 @@ def export(model, tok_path, log, args):
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    # BF16, as the official checkpoints: 5.4 M parameters in F32 would be 21.8 MB (limit 16 MB).
+    # BF16, as the official checkpoints: 5.33 M parameters in F32 would be 21.3 MB (limit 16 MB).
     # Both npvlm and transformers widen the stored BF16 values to fp32 exactly when loading.
     hf_reference.save_hub_layout(model, str(out), dtype="bf16", n_shards=1)
     shutil.copy(tok_path, out / "tokenizer.model")
