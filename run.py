@@ -72,8 +72,9 @@ def run(args):
     import npvlm
     from npvlm.errors import InputError
     from npvlm.image import load_image
-    from npvlm.io import check_writable, image_format, save_image_atomic
-    from npvlm.model import SAMPLE_SCENE, check_weights_option
+    from npvlm.atomic import check_writable, image_format, save_image_atomic
+    from npvlm.demo import SAMPLE_SCENE
+    from npvlm.model import check_weights_option
     from npvlm.sampling import SamplingOptions
 
     try:

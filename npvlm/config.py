@@ -1,7 +1,7 @@
 """PaliGemma configuration, read from a checkpoint's `config.json` into frozen dataclasses.
 
 Only `config.json` is trusted. Values that official configs leave out are filled with the
-defaults of the Hugging Face model classes that wrote them (spec §2.1: Gemma `head_dim=256`,
+defaults of the Hugging Face model classes that wrote them (docs/spec.md §2.1: Gemma `head_dim=256`,
 `rms_norm_eps=1e-6`, `rope_theta=10000`, `max_position_embeddings=8192`; SigLIP
 `image_size=224`, `layer_norm_eps=1e-6`, `num_channels=3`). The `PaliGemmaConfig()` class
 defaults that the spec warns about (vision `intermediate_size=4096`, `image_token_index=256000`,
@@ -22,7 +22,7 @@ TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new", "gelu")
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision tower (spec §8)."""
+    """SigLIP vision tower (docs/spec.md §8)."""
     hidden_size: int          # D_v: 1152 for So400m
     intermediate_size: int    # F_v: 4304 for So400m
     num_hidden_layers: int
@@ -46,10 +46,17 @@ class VisionConfig:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def attn_scale(self):
+        """Multiplier of q.k: head_dim**-0.5 (HF `SiglipAttention.scale`)."""
+        return self.head_dim ** -0.5
+
+    attn_logit_softcapping = None   # SigLIP does not cap its attention logits
+
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Gemma (PaliGemma 1) or Gemma 2 (PaliGemma 2) decoder (spec §9, §10)."""
+    """Gemma (PaliGemma 1) or Gemma 2 (PaliGemma 2) decoder (docs/spec.md §9, §10)."""
     model_type: str           # "gemma" or "gemma2"
     vocab_size: int           # V: rows of embed_tokens (257216 for the real models)
     hidden_size: int          # D
@@ -80,7 +87,7 @@ class TextConfig:
 
     @property
     def embed_scale(self):
-        """sqrt(D): text embeddings are multiplied by it (spec §6); cast to fp32 where used."""
+        """sqrt(D): text embeddings are multiplied by it (docs/spec.md §6); cast to fp32 where used."""
         return math.sqrt(self.hidden_size)
 
 

@@ -37,7 +37,8 @@ def draw_objects(image, objects, masks=None, scale=None, alpha=MASK_ALPHA):
     pixels). masks: None, or one entry per object: None, or a full-image bool/float [H, W] mask
     (`segmentation.paste_mask`), tinted translucently in the object's color (opacity `alpha`
     times the mask value). Small images are upscaled first (nearest) so labels stay readable;
-    `scale` overrides the factor."""
+    `scale` overrides the factor. Label text and box lines grow with the image: text about 1/32
+    of the longer side (at least 12 px), lines 1/200 of it."""
     image = image.convert("RGB")
     alphas = None if masks is None else _mask_alpha(masks, len(objects), image.width, image.height)
     if scale is None:
@@ -55,13 +56,18 @@ def draw_objects(image, objects, masks=None, scale=None, alpha=MASK_ALPHA):
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     out = image.copy()
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    width = max(1, round(max(out.size) / 200))
+    side = max(out.size)
+    font = ImageFont.load_default(size=max(12, round(side / 32)))
+    width = max(1, round(side / 200))
+    pad = max(1, width)
     for o, color in zip(objects, colors):
         y1, x1, y2, x2 = (v * scale for v in o.box)
         draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
-        tx, ty = x1 + width, max(0, y1 - 12) if y1 >= 12 else y1 + width
-        left, top, right, bottom = draw.textbbox((tx, ty), o.label, font=font)
-        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=color)
-        draw.text((tx, ty), o.label, fill=(255, 255, 255), font=font)
+        _, top, _, bottom = draw.textbbox((0, 0), o.label, font=font)
+        height = bottom - top + 2 * pad
+        # the label sits on the box's top edge, outside it where there is room, inside otherwise
+        tx, ty = x1, (y1 - height if y1 >= height else y1)
+        left, top, right, bottom = draw.textbbox((tx + pad, ty + pad), o.label, font=font)
+        draw.rectangle([left - pad, top - pad, right + pad, bottom + pad], fill=color)
+        draw.text((tx + pad, ty + pad), o.label, fill=(255, 255, 255), font=font)
     return out

@@ -1,58 +1,81 @@
 """Building blocks shared by the vision tower and the text decoder: pure functions over arrays.
 
-Axis legend (used in every shape comment of npvlm):
-    B batch, C channels, P patch side, N image tokens, T query length, S key length,
-    D width, F MLP width, Hq query heads, Hk key/value heads, G = Hq // Hk, E head dim, V vocab.
+The axis legend, used by every shape comment in npvlm (docs/architecture.md repeats it):
+
+    B  batch                         T  tokens in this pass (queries)
+    S  keys: cached + new tokens (S = T in a prefill or a training pass)
+    C  image channels (3)            R  model image side in pixels (224 / 448 / 896)
+    P  patch side (14)               N  image tokens per image, (R / P)^2
+    H, W  height and width of an input image or mask, in pixels
+    D  width (model dimension)       F  MLP width               V  vocabulary
+    Hq query heads    Hk key/value heads    G = Hq / Hk query heads per K/V head    E  head dim
+    O, I  output and input features of a weight matrix [O, I] (PyTorch's Linear layout)
 
 Every function takes its array module from its input (`xp = array_module(x)`), so the same code
 runs on NumPy and CuPy. Reductions (norm statistics, softmax) run in fp32.
+
+Training: forward functions take `save=None`. Given a dict, they store in it what their
+backward needs (docs/training.md); `sub(save, name)` gives a sub-module its own dict.
 """
 
 import math
 
 from .backend import array_module
-from .bf16 import matmul_t
 
 
-def linear(x, weight, bias=None):
-    """x @ W^T + b, W in PyTorch's Linear layout [out, in] (as in the checkpoint, so every weight
-    equals HF's tensor). The transpose is a free view: BLAS reads W^T directly, at the same speed
-    as a pre-transposed copy, for matrices (prefill) and vectors (decode) alike.
-    W may also be a `bf16.BF16Matrix` (weights="bf16"), widened block by block.
-    # [..., in] -> [..., out]"""
-    y = matmul_t(x, weight)
+def sub(save, name):
+    """The dict in which sub-module `name` keeps what its backward needs (None: keep nothing)."""
+    return None if save is None else save.setdefault(name, {})
+
+
+def linear(x, weight, bias=None, *, save=None):
+    """x @ W^T + b, with W in PyTorch's Linear layout [O, I], as in the checkpoint, so every weight
+    equals HF's tensor. The transpose is a free view: BLAS reads W^T directly, at the speed of a
+    pre-transposed copy. W may be any matrix type that supports `x @ W.T` (npvlm/bf16.py).
+    save: keeps x for the weight gradient, unless the dict says {"frozen": True}.
+    # [..., I] -> [..., O]"""
+    if save is not None and not save.get("frozen"):
+        save["x"] = x
+    y = x @ weight.T
     if bias is not None:
         y += bias
     return y
 
 
-def layer_norm(x, weight, bias, eps):
-    """LayerNorm over the last axis with biased variance (SigLIP).  # [..., D] -> [..., D]"""
+def layer_norm(x, weight, bias, eps, *, save=None):
+    """LayerNorm over the last axis with biased variance (SigLIP): (x - mean) / sqrt(var + eps) * w + b.
+    # [..., D] -> [..., D]"""
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = (centered * centered).mean(axis=-1, keepdims=True)
-    return centered * (1.0 / xp.sqrt(var + eps)) * weight + bias
+    inv_std = 1.0 / xp.sqrt(var + eps)                                   # [..., 1]
+    normed = centered * inv_std
+    if save is not None:
+        save.update(normed=normed, inv_std=inv_std)
+    return normed * weight + bias
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, *, save=None):
     """Gemma RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), in fp32 (HF `GemmaRMSNorm`; the weight
-    is stored as an offset from 1, so a zero weight is the identity scale).  # [..., D] -> [..., D]"""
+    is stored as an offset from 1, so a zero weight is the identity scale).
+    # [..., D] -> [..., D]"""
     xp = array_module(x)
     x32 = x.astype(xp.float32, copy=False)
-    inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)
+    inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)  # [..., 1]
+    if save is not None:
+        save.update(x=x32, inv_rms=inv_rms)
     return (x32 * inv_rms * (1.0 + weight.astype(xp.float32, copy=False))).astype(x.dtype, copy=False)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def gelu_tanh(x):
-    """GELU, tanh approximation (`gelu_pytorch_tanh`):
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+def gelu_tanh(x, *, save=None):
+    """GELU, tanh approximation (`gelu_pytorch_tanh`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
     Computed in place in one scratch array: on the MLP activations ([T, F], the largest
-    elementwise work in prefill) each temporary would cost a full pass over memory. Same
+    elementwise work in a prefill) each temporary would cost a full pass over memory. Same
     operations in the same order as the formula, so the same rounding."""
     xp = array_module(x)
     t = x * x
@@ -61,6 +84,8 @@ def gelu_tanh(x):
     t += x
     t *= _SQRT_2_OVER_PI
     xp.tanh(t, out=t)
+    if save is not None:
+        save.update(x=x, tanh=t.copy())
     t += 1.0
     t *= x
     t *= 0.5          # exact (a power of two), so equal to multiplying 0.5 * x first

@@ -1,45 +1,26 @@
 """`npvlm.load(path)`: a model folder -> a ready PaliGemma on the chosen backend, and
-`model.generate(images, prompts)`: text in, text out."""
+`model.generate(images, prompts)`: text in, text out.
+
+`PaliGemma` only holds what the functions of `npvlm.paligemma` and `npvlm.generate` need (params,
+config, processor, backend); it is also the boundary where inputs are checked and move to the
+device once.
+"""
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import generate as gen
 from . import paligemma
-from .backend import get_backend, to_device
-from .config import load_config
-from .errors import CheckpointError, ConfigError, InputError
-from .generate import check_generation_args, generate_ids
-from .sampling import SamplingOptions
+from .backend import get_backend, to_device, to_host
 from .bf16 import BF16Matrix
+from .config import load_config
+from .demo import MODEL_DIR as DEMO_MODEL
+from .errors import CheckpointError, ConfigError, InputError
+from .generate import Generation  # noqa: F401 (the result type of generate, importable from here)
+from .sampling import SamplingOptions
 from .weights import check_weights_mode, load_params
-
-
-@dataclass
-class Generation:
-    """One row's answer. `text` is what HF's `decode(..., skip_special_tokens=True)` gives for
-    `tokens` (eos dropped, <loc>/<seg> kept), cut before a stop string if one was hit."""
-    text: str
-    tokens: list            # generated ids, the final eos included when generation hit it
-    finish_reason: str      # "eos", "stop" (a stop string) or "length" (max_new_tokens)
-    timings: dict = field(default_factory=dict)
-    image_size: tuple = None  # (width, height) of the original image, for mapping boxes
-
-    def __str__(self):
-        return self.text
-
-    def detections(self, divisor=1024):
-        """The `<loc>`/`<seg>` records of the text as objects with boxes in the original image's
-        pixels, plus any malformed records (npvlm.detection.parse_detections). An answer without
-        any `<loc>` token (a caption, a VQA answer) is not a detection answer: no objects, no
-        problems."""
-        from .detection import ParseResult, parse_detections  # noqa: PLC0415
-        if "<loc" not in self.text:
-            return ParseResult((), ())
-        width, height = self.image_size
-        return parse_detections(self.text, width, height, divisor)
 
 
 class PaliGemma:
@@ -75,122 +56,75 @@ class PaliGemma:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    # ---- array-level API (token ids in, logits out) -------------------------------------------
+    # ---- array level: token ids in, logits out (the only host -> device step for inputs) -----
+
+    def _ids(self, ids):
+        """Token ids checked on the host, then moved to the device."""
+        ids = np.asarray(to_host(ids))
+        paligemma.check_token_ids(ids, self.cfg)
+        return self.xp.asarray(ids)
+
+    def _batch(self, batch):
+        xp = self.xp
+        out = {"input_ids": self._ids(batch["input_ids"]),
+               "attention_mask": xp.asarray(batch["attention_mask"])}
+        if batch.get("token_type_ids") is not None:
+            out["token_type_ids"] = xp.asarray(batch["token_type_ids"])
+        if batch.get("pixel_values") is not None:
+            out["pixel_values"] = xp.asarray(batch["pixel_values"], dtype=xp.float32)
+        if batch.get("image_tokens") is not None:
+            out["image_tokens"] = batch["image_tokens"]
+        return out
 
     def new_cache(self, batch, capacity):
         return paligemma.new_cache(self.cfg, batch, capacity, self.params["text"]["norm"]["weight"])
 
     def encode_images(self, pixel_values, trace=None):
-        """float32[B, 3, S, S] -> image tokens [B, N, D] on the device."""
-        return paligemma.encode_images(self.params, self.cfg,
-                                       self.xp.asarray(pixel_values, dtype=self.xp.float32), trace)
+        """float32[B, 3, R, R] -> image tokens [B, N, D] on the device."""
+        return paligemma.encode_images(self.xp.asarray(pixel_values, dtype=self.xp.float32),
+                                       self.params, self.cfg, trace=trace)
 
-    def prefill(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None,
+    def prefill(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
                 cache=None, logits_for="last", trace=None, image_tokens=None):
-        xp = self.xp
-        return paligemma.prefill(
-            self.params, self.cfg, xp.asarray(input_ids), xp.asarray(attention_mask),
-            None if pixel_values is None else xp.asarray(pixel_values, dtype=xp.float32),
-            None if token_type_ids is None else xp.asarray(token_type_ids),
-            cache, logits_for, trace, image_tokens)
+        """`paligemma.prefill` on this model. The inputs are either the processor's dict as the
+        first argument (`model.prefill(model.processor(images, prompts))`) or the arrays one by
+        one: input_ids, attention_mask int[B, T]; pixel_values float32[B, 3, R, R] or
+        image_tokens [B, N, D]; token_type_ids int[B, T] (None: all prefix).
+        logits_for="last" (default): logits [B, V] for the next token; "all": [B, T, V]."""
+        if isinstance(input_ids, dict):
+            batch = input_ids
+        else:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                     "pixel_values": pixel_values, "token_type_ids": token_type_ids,
+                     "image_tokens": image_tokens}
+        return paligemma.prefill(self._batch(batch), self.params, self.cfg, cache=cache,
+                                 logits_for=logits_for, trace=trace)
 
     def decode_step(self, token_ids, cache, trace=None):
-        return paligemma.decode_step(self.params, self.cfg, self.xp.asarray(token_ids), cache, trace)
+        """One token per row (host int[B]) against `cache`, after a prefill -> logits [B, V]."""
+        return paligemma.decode_step(self._ids(token_ids), cache, self.params, self.cfg, trace=trace)
 
-    # ---- text-level API -----------------------------------------------------------------------
+    # ---- text level ---------------------------------------------------------------------------
 
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
                  seed=None, stop=None, stream=None):
         """Answer prompts about images.
 
-        images: one image (path, PIL image or HWC array) or a list; prompts: a string or a list
-        of the same length. Greedy by default; `temperature`/`top_k`/`top_p`/`seed` sample
-        (npvlm.sampling). Generation ends at eos, at any of the `stop` strings (cut from the
-        text), or after `max_new_tokens`. `stream(text_piece)` receives text as it is produced
-        (single prompt only). Returns a Generation, or a list of them for list inputs.
+        images: one image (path, PIL image or HWC array) or a list; prompts: a string (asked of
+        every image) or a list of the same length. Greedy by default; `temperature`/`top_k`/
+        `top_p`/`seed` sample (npvlm.sampling). Generation ends at eos, at any of the `stop`
+        strings (cut from the text), or after `max_new_tokens`. `stream(text_piece)` receives
+        text as it is produced (single prompt only). Returns a Generation, or a list of them
+        for list inputs.
         """
-        single = isinstance(prompts, str)
-        prompt_list = [prompts] if single else list(prompts)
-        image_list = [images] if single or not isinstance(images, (list, tuple)) else list(images)
-        if not all(isinstance(p, str) for p in prompt_list):
-            raise InputError("prompts must be strings")
-        if len(image_list) != len(prompt_list):
-            raise InputError(f"{len(image_list)} image(s) for {len(prompt_list)} prompt(s); give one "
-                             "image per prompt")
-        if stream is not None and len(prompt_list) != 1:
-            raise InputError("streaming works with one prompt at a time")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise InputError(f"stop strings must be non-empty strings, got {stop!r}")
-        options = SamplingOptions(temperature, top_k, top_p, seed)
-        processor = self.processor
-
-        t0 = time.perf_counter()
-        from .image import load_image  # noqa: PLC0415
-        image_list = [load_image(img) for img in image_list]       # RGB, upright
-        inputs = processor(image_list, prompt_list)
-        check_generation_args(self.cfg, inputs["input_ids"].shape[1], max_new_tokens)
-        t_pre = time.perf_counter() - t0
-
-        tok = processor.tokenizer
-        B = len(prompt_list)
-        decoders = [tok.stream_decoder() for _ in range(B)]
-        texts = [""] * B          # text decoded so far (complete characters only)
-        shown = [""] * B          # what `stream` has received
-        cut = [None] * B          # where a stop string begins
-
-        def visible(row):
-            """Text safe to show: up to a stop string, and without a tail that could still grow
-            into one (held back until it cannot; this never un-shows text)."""
-            text = texts[row]
-            if cut[row] is not None:
-                return text[:cut[row]]
-            hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            return text[:len(text) - hold]
-
-        def on_step(t, ids, active):
-            requested = np.zeros(B, dtype=bool)
-            if not stops and stream is None:
-                return requested
-            for row in np.flatnonzero(active):
-                texts[row] += decoders[row].push(int(ids[row]))
-                hits = [texts[row].find(s) for s in stops if s in texts[row]]
-                if hits:
-                    cut[row] = min(hits)
-                    requested[row] = True
-                if stream is not None:
-                    text = visible(row)
-                    if len(text) > len(shown[row]):
-                        stream(text[len(shown[row]):])
-                        shown[row] = text
-            return requested
-
-        out = generate_ids(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                           max_new_tokens, options, stop_ids=[self.cfg.eos_token_id], on_step=on_step)
-        timings = dict(out.timings, preprocess_s=t_pre, load_s=self.load_s)
-        results = []
-        for row in range(B):
-            ids = out.tokens[row, :out.lengths[row]].tolist()
-            text = tok.decode(ids)
-            finish = out.finish[row]
-            # also catches a stop string completed by bytes still pending when the loop ended
-            hits = [text.find(s) for s in stops if s in text]
-            if hits:
-                text, finish = text[:min(hits)], "stop"
-            if stream is not None and len(text) > len(shown[row]):
-                stream(text[len(shown[row]):])       # the held-back tail, and flushed bytes
-            results.append(Generation(text, ids, finish, timings, image_list[row].size))
-        return results[0] if single else results
+        return gen.generate(self, images, prompts, max_new_tokens,
+                            SamplingOptions(temperature, top_k, top_p, seed), stop, stream)
 
     def __repr__(self):
         v, t = self.cfg.vision, self.cfg.text
         return (f"PaliGemma({t.model_type}, image {v.image_size}px -> {v.num_patches} tokens, "
                 f"text {t.num_hidden_layers}x{t.hidden_size}, vocab {t.vocab_size}, backend {self.backend}"
                 f"{', weights bf16' if self.weights == 'bf16' else ''})")
-
-
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
-SAMPLE_SCENE = Path(__file__).resolve().parent / "samples" / "scene.png"
 
 
 def check_model_dir(path):

@@ -4,7 +4,9 @@ Axis legend: B batch, V vocab.
 
 All filtering runs on the model's backend; the random draw is one uniform number per row made
 on the host by a seeded NumPy generator and applied by inverse-CDF sampling, so the same seed
-gives the same choices on NumPy and CuPy, and only the chosen ids come back to the host.
+gives the same choices on NumPy and CuPy, and only the chosen ids come back to the host. Each
+row has its own generator, seeded with the same seed, so a row samples exactly what it samples
+alone, whatever else is in the batch.
 
     greedy       id = argmax(logits)
     temperature  p = softmax(logits / T)
@@ -77,13 +79,21 @@ def filtered_probs(logits, temperature, top_k=0, top_p=1.0):
     return probs
 
 
-def choose(logits, options, rng):
-    """Next token id per row as a host int64 array [B]. `rng`: np.random.Generator (sampling)."""
+def row_generators(seed, batch):
+    """One np.random.Generator per row, each seeded with `seed` (None: fresh entropy each)."""
+    return [np.random.default_rng(seed) for _ in range(batch)]
+
+
+def choose(logits, options, rngs):
+    """Next token id per row as a host int64 array [B]. `rngs`, used when sampling: one
+    np.random.Generator per row (`row_generators`), or one Generator drawn from for every row."""
     xp = array_module(logits)
     if options.greedy:
         return to_host(logits.argmax(axis=-1)).astype(np.int64)
     probs = filtered_probs(logits, options.temperature, options.top_k, options.top_p)
-    u = xp.asarray(rng.random(probs.shape[0]), dtype=xp.float32)[:, None]      # host -> device
+    u = (rngs.random(probs.shape[0]) if isinstance(rngs, np.random.Generator)
+         else [rng.random() for rng in rngs])
+    u = xp.asarray(u, dtype=xp.float32)[:, None]                               # host -> device
     cdf = xp.cumsum(probs, axis=-1)
     ids = (cdf <= u * cdf[:, -1:]).sum(axis=-1)                               # first cdf > u
     ids = xp.minimum(ids, probs.shape[-1] - 1)

@@ -16,6 +16,14 @@ import numpy as np
 
 from .backend import to_host
 
+
+def stage_names(n_vision_layers, n_text_layers):
+    """Every traced stage output in forward order (the attention maps aside): the list that
+    tests, goldens and notebooks compare."""
+    return (["vision.embed"] + [f"vision.layer.{i:02d}" for i in range(n_vision_layers)]
+            + ["vision.post_norm", "projector", "text.embed"]
+            + [f"text.layer.{i:02d}" for i in range(n_text_layers)] + ["text.final_norm", "logits"])
+
 # fp32 parity tolerances, as transformers' own tests use: |ours - ref| <= atol' + rtol * |ref|,
 # where atol' = ATOL * max(1, max|ref|) over the stage. Why scale atol: an fp32 activation is a
 # sum of D products of size ~|h|, so its rounding error is ~eps * |h| whatever its own size; in a
@@ -29,6 +37,15 @@ def record(trace, name, x):
     """Store a host copy of `x` under `name` when tracing (trace is a dict, or None = off)."""
     if trace is not None:
         trace[name] = np.array(to_host(x), copy=True)
+
+
+def layer_saves(save, trace, n):
+    """The `save` dict of each of n stacked layers: the ones in `save["layers"]` when training;
+    a fresh one per layer when only tracing (the attention maps are read from it, then it is
+    dropped); None when neither."""
+    if save is not None:
+        return save.setdefault("layers", [{} for _ in range(n)])
+    return ({} if trace is not None else None for _ in range(n))
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 All checkpoint surgery happens here, once, through explicit tables:
 
-1. `KEY_SCHEMES` rewrites the names of every transformers version (spec §3) to the official hub
+1. `KEY_SCHEMES` rewrites the names of every transformers version (docs/spec.md §3) to the official hub
    names (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`).
 2. `SKIP_RULES` names every checkpoint key that is deliberately not used, with the reason.
 3. `expected_shapes(cfg)` lists every tensor the config implies, with its shape; loading fails
    with one error listing every missing, unexpected or mis-shaped tensor (layer indices
    collapsed), before any tensor data is read.
-4. Tensors are widened to fp32 (BF16 exactly, by a 16-bit shift) one at a time and kept in
+4. Tensors are widened to fp32 (BF16 exactly) one at a time and kept in
    PyTorch's layout (Linear weights `[out, in]`; compute is `x @ w.T`, a free transposed view),
    so every array equals the checkpoint's tensor; only the patch-embedding kernel is reshaped.
    With weights="bf16" the multiplied matrices stay bfloat16 instead (`npvlm/bf16.py`).
@@ -19,13 +19,16 @@ The result is a nested dict that mirrors the Hugging Face module tree:
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from .bf16 import BF16Matrix
+from tqdm import tqdm
+
+from .bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from .errors import CheckpointError, InputError
-from .safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16
+from .safetensors_file import SafetensorsFile
 
 VISION = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
@@ -192,23 +195,13 @@ def _to_tree(flat):
     return listify(root)
 
 
-def _convert(name, array, cfg):
+def _convert(name, array):
     """The one place where checkpoint layout becomes compute layout."""
     if name.endswith("patch_embedding.weight"):
         # Conv2d [Dv, C, P, P] -> Linear weight [Dv, C*P*P] (a view): patches flattened in
         # (C, P, P) order times its transpose are the stride-P convolution
         return array.reshape(array.shape[0], -1)
     return array
-
-
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm  # noqa: PLC0415
-    except ImportError:
-        return None
-    import sys  # noqa: PLC0415
-    # shown only when the load takes more than a few seconds
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, delay=3, file=sys.stderr, leave=False)
 
 
 WEIGHT_MODES = ("fp32", "bf16")
@@ -219,15 +212,72 @@ def check_weights_mode(weights):
         raise InputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
 
 
+def locate(files, weight_map):
+    """Open every file and map each canonical name to (file, key). Returns (handles, located,
+    problems): the index and the files must agree, and no tensor may appear twice."""
+    handles, located, problems = [], {}, []
+    try:
+        for path in files:
+            f = SafetensorsFile(path)
+            handles.append(f)
+            if weight_map is not None:
+                stray = [k for k in f.keys() if weight_map.get(k) != path.name]
+                if stray:
+                    problems.append(f"{path.name} holds tensors the index does not assign to it: "
+                                    + _listing(stray))
+            for key in f.keys():
+                name = canonical_name(key)
+                if name in located:
+                    problems.append(f"tensor {name} appears twice ({located[name][1]} and {key})")
+                located[name] = (f, key)
+    except BaseException:
+        for f in handles:
+            f.close()
+        raise
+    if weight_map is not None:
+        present = {k for f in handles for k in f.keys()}
+        absent = [k for k in weight_map if k not in present]
+        if absent:
+            problems.append("index names tensors that are in no shard: " + _listing(absent))
+    return handles, located, problems
+
+
+def mismatches(located, expected, cfg):
+    """Every way the located tensors differ from what the config implies, as message parts."""
+    shape = {n: f.shape(key) for n, (f, key) in located.items()}
+    missing = [n for n in expected if n not in located]
+    unexpected = [n for n in located if n not in expected and n != LM_HEAD and skip_reason(n) is None]
+    mis_shaped = [f"{n} is {list(shape[n])}, expected {list(s)}"
+                  for n, s in expected.items() if n in shape and shape[n] != s]
+    embedding = expected[TEXT + "embed_tokens.weight"]
+    if LM_HEAD in shape and shape[LM_HEAD] != embedding:
+        mis_shaped.append(f"{LM_HEAD} is {list(shape[LM_HEAD])}, expected the embedding's {list(embedding)}")
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): " + _listing(missing))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (not PaliGemma "
+                        f"{cfg.text.model_type}, or a config that does not match the weights): "
+                        + _listing(unexpected))
+    if mis_shaped:
+        more = f"; ... ({len(mis_shaped) - 10} more)" if len(mis_shaped) > 10 else ""
+        problems.append("shape differs from config.json: " + "; ".join(mis_shaped[:10]) + more)
+    return problems
+
+
 def _kept_in_bf16(name, shape):
     """weights="bf16": the matrices that are multiplied (not the added position embedding, not
     the 1-D norms and biases) stay bfloat16."""
     return len(shape) >= 2 and not name.endswith("position_embedding.weight")
 
 
-def _read_bf16(f, key):
-    """bfloat16 bits of a tensor: as stored for BF16, rounded (nearest even) for F32/F16."""
-    return f.read_raw(key) if f.dtype(key) == "BF16" else f32_to_bf16(f.read(key))
+def read_tensor(f, key, name, shape, weights):
+    """One tensor in compute form: fp32, or for weights="bf16" a BF16Matrix of a multiplied
+    matrix (stored bits for BF16, rounded to nearest even for F32/F16)."""
+    if weights == "bf16" and _kept_in_bf16(name, shape):
+        bits = f.read_bits(key) if f.dtype(key) == "BF16" else f32_to_bf16(f.read(key))
+        return BF16Matrix(_convert(name, bits))
+    return _convert(name, f.read(key))
 
 
 def load_params(model_dir, cfg, weights="fp32"):
@@ -235,73 +285,27 @@ def load_params(model_dir, cfg, weights="fp32"):
     `{"vision": ..., "projector": ..., "text": ...}` (see module docstring): fp32 arrays, or with
     weights="bf16" the multiplied matrices as `bf16.BF16Matrix` (half the memory)."""
     check_weights_mode(weights)
-    files, weight_map = checkpoint_files(model_dir)
-    handles = []
+    expected = expected_shapes(cfg)
+    handles, located, problems = locate(*checkpoint_files(model_dir))
     try:
-        located = {}        # canonical name -> (file handle, original key)
-        problems = []
-        for path in files:
-            f = SafetensorsFile(path)
-            handles.append(f)
-            keys = f.keys()
-            if weight_map is not None:
-                stray = [k for k in keys if weight_map.get(k) != path.name]
-                if stray:
-                    problems.append(f"{path.name} holds tensors the index does not assign to it: "
-                                    + _listing(stray))
-            for key in keys:
-                name = canonical_name(key)
-                if name in located:
-                    problems.append(f"tensor {name} appears twice ({located[name][1]} and {key})")
-                located[name] = (f, key)
-        if weight_map is not None:
-            present = {k for f in handles for k in f.keys()}
-            absent = [k for k in weight_map if k not in present]
-            if absent:
-                problems.append("index names tensors that are in no shard: "
-                                + _listing(absent))
-
-        expected = expected_shapes(cfg)
-        missing = [n for n in expected if n not in located]
-        unexpected = [n for n in located if n not in expected and n != LM_HEAD and skip_reason(n) is None]
-        mis_shaped = [f"{n} is {list(located[n][0].shape(located[n][1]))}, expected {list(s)}"
-                      for n, s in expected.items() if n in located and located[n][0].shape(located[n][1]) != s]
-        if LM_HEAD in located:
-            f, key = located[LM_HEAD]
-            if f.shape(key) != expected[TEXT + "embed_tokens.weight"]:
-                mis_shaped.append(f"{LM_HEAD} is {list(f.shape(key))}, expected the embedding's "
-                                  f"{list(expected[TEXT + 'embed_tokens.weight'])}")
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s): " + _listing(missing))
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensor(s) (not PaliGemma "
-                            f"{cfg.text.model_type}, or a config that does not match the weights): "
-                            + _listing(unexpected))
-        if mis_shaped:
-            more = f"; ... ({len(mis_shaped) - 10} more)" if len(mis_shaped) > 10 else ""
-            problems.append("shape differs from config.json: " + "; ".join(mis_shaped[:10]) + more)
+        problems += mismatches(located, expected, cfg)
         if problems:
             raise CheckpointError(f"{model_dir}: checkpoint does not match config.json: "
                                   + " | ".join(problems))
-
         flat = {}
-        bar = _progress(sum(located[n][0].nbytes(located[n][1]) for n in expected), "loading weights")
-        for name in expected:
-            f, key = located[name]
-            if weights == "bf16" and _kept_in_bf16(name, expected[name]):
-                flat[name] = BF16Matrix(_convert(name, _read_bf16(f, key), cfg))
-            else:
-                flat[name] = _convert(name, f.read(key), cfg)
-            if bar is not None:
+        total = sum(f.nbytes(key) for f, key in (located[n] for n in expected))
+        # the bar shows only when a load takes more than a few seconds (multi-GB checkpoints)
+        with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, delay=3,
+                  file=sys.stderr, leave=False) as bar:
+            for name, shape in expected.items():
+                f, key = located[name]
+                flat[name] = read_tensor(f, key, name, shape, weights)
                 bar.update(f.nbytes(key))
-        if bar is not None:
-            bar.close()
         if LM_HEAD in located:
             _check_tied(located[LM_HEAD], flat[TEXT + "embed_tokens.weight"])
     finally:
         for f in handles:
             f.close()
-
     tree = _to_tree(flat)
     return {
         "vision": _flatten_vision(tree["vision_tower"]["vision_model"]),

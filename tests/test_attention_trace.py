@@ -7,7 +7,7 @@ import pytest
 
 import npvlm
 
-from conftest import GOLDENS
+from helpers import GOLDENS
 
 
 def _golden(name):

@@ -7,13 +7,12 @@ import pytest
 
 import npvlm
 from npvlm import bf16
-from npvlm.bf16 import BF16Matrix, matmul_t
+from npvlm.bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from npvlm.errors import InputError
 from npvlm.generate import greedy_ids
-from npvlm.safetensors_io import bf16_to_f32, f32_to_bf16
 from npvlm.trace import compare, compare_stages
 
-from conftest import Golden, one_line_error, param_leaves
+from helpers import Golden, one_line_error, param_leaves
 
 BF16_GOLDENS = ["pg1_mqa_hub", "pg2_gqa_hub"]          # stored BF16, like the hub checkpoints
 rng = np.random.default_rng(0)
@@ -21,17 +20,22 @@ rng = np.random.default_rng(0)
 
 @pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3), (4, 5)])     # (4, 5): 20 rows, the GEMM blocks
 def test_blocked_product_equals_the_widened_matrix(monkeypatch, lead):
-    """Row blocks that do not divide O (and a block of one row) give x @ W^T of the widened W."""
+    """Row blocks that do not divide O (and a block of one row) give x @ W^T of the widened W,
+    and dy @ W (a backward pass) likewise."""
     O, I = 37, 16
     bits = f32_to_bf16(rng.standard_normal((O, I), dtype=np.float32))
     x = rng.standard_normal(lead + (I,), dtype=np.float32)
-    ref = x @ bf16_to_f32(bits).T
+    dy = rng.standard_normal(lead + (O,), dtype=np.float32)
+    ref, ref_back = x @ bf16_to_f32(bits).T, dy @ bf16_to_f32(bits)
     for rows in (1, 5, 37, 100):
         monkeypatch.setattr(bf16, "BLOCK_ELEMENTS", rows * I)
         monkeypatch.setattr(bf16, "GEMM_BLOCK_ELEMENTS", rows * I)
-        out = matmul_t(x, BF16Matrix(bits))
+        out = x @ BF16Matrix(bits).T
         assert out.shape == lead + (O,) and out.dtype == np.float32
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+        back = dy @ BF16Matrix(bits)
+        assert back.shape == lead + (I,) and back.dtype == np.float32
+        np.testing.assert_allclose(back, ref_back, rtol=1e-5, atol=1e-6 * np.abs(ref_back).max())
     w = BF16Matrix(bits)
     ids = np.array([[3, 0], [36, 3]])                 # an embedding lookup: W[ids]
     np.testing.assert_array_equal(w[ids], bf16_to_f32(bits)[ids])
@@ -52,8 +56,7 @@ def test_bf16_weights_match_hf_every_stage(pair):
     golden, model = pair
     assert model.weights == "bf16" and isinstance(model.params["text"]["embed_tokens"]["weight"], BF16Matrix)
     trace = {}
-    model.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
-                  golden["token_type_ids"], logits_for="all", trace=trace)
+    model.prefill(golden.batch(), logits_for="all", trace=trace)
     print(f"\n{golden.name}, weights bf16")
     results = compare_stages(trace, golden.arrays, golden.stage_names(), where=_real_tokens(golden))
     assert all(r.ok for r in results), [r.name for r in results if not r.ok]
@@ -89,6 +92,15 @@ def test_f32_checkpoint_is_rounded_to_bf16():
     assert not np.array_equal(b.to_f32(), a)           # random F32 weights are not bf16 values
     # the position embedding is added, not multiplied: it stays fp32
     assert isinstance(low.params["vision"]["position_embedding"], np.ndarray)
+
+
+def test_f32_to_bf16_rounds_to_nearest_even():
+    """Ties go to the even bf16 value, as torch's `.to(torch.bfloat16)` does; NaN stays NaN."""
+    one = 0x3F800000                                   # 1.0; a bf16 keeps the top 16 bits
+    x = np.array([one, one | 0x8000, one | 0x8001, one | 0x18000, 0x7FC00001], np.uint32).view(np.float32)
+    bits = f32_to_bf16(x)
+    np.testing.assert_array_equal(bits[:4], [0x3F80, 0x3F80, 0x3F81, 0x3F82])   # tie -> even, above -> up
+    assert np.isnan(bf16_to_f32(bits[4:]))[0]
 
 
 def test_weights_option_errors():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
-from tiny_model import write_random_model
+from helpers import ROOT
+from helpers import write_random_model
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from PIL import Image
 
 import npvlm
 from npvlm.detection import iou
-from npvlm.model import DEMO_MODEL, SAMPLE_SCENE
-from npvlm.scenes import COLORS, SHAPES, make_scene
+from npvlm.demo import MODEL_DIR as DEMO_MODEL, SAMPLE_SCENE
+from npvlm.demo.scenes import COLORS, SHAPES, make_scene
 
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
                                 reason="the demo model is not exported (python tools/train_demo.py)")
@@ -33,14 +33,14 @@ def test_demo_is_small_and_complete():
 
 def test_demo_answers_the_sample_scene(demo):
     """Answers in the world's grammar that name exactly the scene's objects. (Exact-answer
-    quality is measured by `python -m npvlm.evaluate`, docs/demo.md. The order is not asserted:
+    quality is measured by `python -m npvlm.demo.evaluate`, docs/demo.md. The order is not asserted:
     this scene's square and triangle have box centers 0.5 px apart in x; the shipped model
     orders them right, the previous one swapped them.)"""
     caption_words = demo.generate(str(SAMPLE_SCENE), "caption en", max_new_tokens=32).text
     parts = caption_words.replace(" and ", ", ").split(", ")
     assert len(parts) == 3 and all(
         p.split()[0] == "a" and p.split()[1] in COLORS and p.split()[2] in SHAPES for p in parts), caption_words
-    truth = make_scene(22)                 # what npvlm/samples/scene.png was drawn from
+    truth = make_scene(22)                 # what npvlm/demo/samples/scene.png was drawn from
     assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), truth.image)
     assert sorted(parts) == sorted(f"a {o.color} {o.shape}" for o in truth.objects), caption_words
     assert demo.generate(str(SAMPLE_SCENE), "answer en how many shapes are there?").text == "3"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from npvlm.errors import InputError
 from npvlm.image import load_image, preprocess, preprocess_batch
-from conftest import one_line_error
+from helpers import one_line_error
 from make_preprocess_goldens import in_mode, random_rgba   # tools/ (no torch needed): the goldens' images
 
 SIZES = [(1, 1), (17, 9), (300, 200), (10000, 10)]          # (width, height)

@@ -9,7 +9,7 @@ import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
 
-from conftest import BACKENDS, param_leaves
+from helpers import BACKENDS, param_leaves
 
 pytestmark = pytest.mark.live
 

@@ -89,7 +89,7 @@ def test_notebook_executes(py, kernel_env, tmp_path):
     folder: no cell may fail, the cells' sources must not change, and it must fit the budget."""
     # the demo is committed package data; its absence is a broken checkout, not a reason to skip
     assert 'MODEL = "demo"' not in py.read_text() or DEMO_CONFIG.is_file(), \
-        f"{DEMO_CONFIG} missing: restore npvlm/demo_model (or python tools/train_demo.py)"
+        f"{DEMO_CONFIG} missing: restore npvlm/demo/model (or python tools/train_demo.py)"
     copy = tmp_path / py.with_suffix(".ipynb").name
     shutil.copy(py.with_suffix(".ipynb"), copy)
     nb = nbformat.read(copy, as_version=4)

@@ -8,7 +8,7 @@ import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import ATOL, RTOL, compare, compare_stages
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -3,25 +3,33 @@
 import numpy as np
 import pytest
 
+from npvlm.backend import to_host
 from npvlm.errors import InputError
-from npvlm.sampling import SamplingOptions, choose, filtered_probs
+from npvlm.sampling import SamplingOptions, choose, filtered_probs, row_generators
 
 rng = np.random.default_rng(0)
 
 
-def test_greedy_is_argmax():
+def host(x):
+    return np.asarray(to_host(x))
+
+
+def test_greedy_is_argmax(xp):
     logits = rng.normal(size=(3, 50)).astype(np.float32)
-    np.testing.assert_array_equal(choose(logits, SamplingOptions(), None), logits.argmax(-1))
+    np.testing.assert_array_equal(choose(xp.asarray(logits), SamplingOptions(), None), logits.argmax(-1))
 
 
-def test_top_k_and_top_p_by_hand():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    np.testing.assert_allclose(filtered_probs(logits, 1.0, top_k=2), [[0.625, 0.375, 0, 0]], rtol=1e-6)
+def test_top_k_and_top_p_by_hand(xp):
+    logits = xp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)))
+
+    def probs(*args, **kwargs):
+        return host(filtered_probs(logits, *args, **kwargs))
+    np.testing.assert_allclose(probs(1.0, top_k=2), [[0.625, 0.375, 0, 0]], rtol=1e-6)
     # mass before each sorted token: 0, .5, .8, .95 -> top_p=0.8 keeps the first two
-    np.testing.assert_allclose(filtered_probs(logits, 1.0, top_p=0.8), [[0.625, 0.375, 0, 0]], rtol=1e-6)
-    np.testing.assert_allclose(filtered_probs(logits, 1.0, top_p=0.81), [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-6)
-    np.testing.assert_allclose(filtered_probs(logits, 1.0, top_p=0.1), [[1, 0, 0, 0]])   # top-1 always kept
-    hot = filtered_probs(logits, 2.0)       # temperature 2 flattens: p ~ sqrt(p0)
+    np.testing.assert_allclose(probs(1.0, top_p=0.8), [[0.625, 0.375, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(probs(1.0, top_p=0.81), [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-6)
+    np.testing.assert_allclose(probs(1.0, top_p=0.1), [[1, 0, 0, 0]])   # top-1 always kept
+    hot = probs(2.0)       # temperature 2 flattens: p ~ sqrt(p0)
     np.testing.assert_allclose(hot, np.sqrt([[0.5, 0.3, 0.15, 0.05]]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum(), rtol=1e-5)
 
 
@@ -40,8 +48,8 @@ def test_filters_match_hf_warpers(torch_and_transformers, temperature, top_k, to
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_draw_follows_the_distribution_and_the_seed():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000, np.float32))
+def test_draw_follows_the_distribution_and_the_seed(xp):
+    logits = xp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000, np.float32)))
     opts = SamplingOptions(temperature=1.0, seed=7)
     a = choose(logits, opts, np.random.default_rng(7))
     b = choose(logits, opts, np.random.default_rng(7))
@@ -52,10 +60,22 @@ def test_draw_follows_the_distribution_and_the_seed():
     assert (capped == 0).all()
 
 
-def test_zero_probability_tokens_are_never_drawn():
-    logits = np.array([[-np.inf, 0.0, -np.inf, 0.0, -np.inf]] * 2000, np.float32)
+def test_zero_probability_tokens_are_never_drawn(xp):
+    logits = xp.asarray(np.array([[-np.inf, 0.0, -np.inf, 0.0, -np.inf]] * 2000, np.float32))
     ids = choose(logits, SamplingOptions(temperature=1.0), np.random.default_rng(3))
     assert set(np.unique(ids)) == {1, 3}
+
+
+def test_each_row_samples_as_it_would_alone(xp):
+    """Per-row generators with the same seed: a row's draws do not depend on the other rows."""
+    logits = xp.asarray(rng.normal(scale=2.0, size=(3, 40)).astype(np.float32))
+    opts = SamplingOptions(temperature=1.0, seed=11)
+    rows = row_generators(11, 3)
+    together = [choose(logits, opts, rows) for _ in range(5)]
+    for b in range(3):
+        alone = row_generators(11, 1)
+        np.testing.assert_array_equal([t[b] for t in together],
+                                      [choose(logits[b:b + 1], opts, alone)[0] for _ in range(5)])
 
 
 @pytest.mark.parametrize("kwargs, message", [

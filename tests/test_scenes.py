@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from npvlm.detection import iou, parse_detections
-from npvlm.scenes import COLORS, SHAPES, caption, make_scene, task_kind, tasks
+from npvlm.demo.scenes import COLORS, SHAPES, caption, make_scene, task_kind, tasks
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -55,5 +55,5 @@ def test_color_question_only_when_unique():
 
 def test_bundled_sample_is_scene_22():
     from PIL import Image
-    from npvlm.model import SAMPLE_SCENE
+    from npvlm.demo import SAMPLE_SCENE
     assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(22).image)

@@ -18,7 +18,7 @@ from npvlm.config import config_from_dict
 from npvlm.errors import CheckpointError, InputError
 from npvlm.processor import Processor
 from npvlm.tokenizer import Tokenizer
-from conftest import one_line_error
+from helpers import one_line_error
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 MODEL = FIXTURE / "tokenizer.model"

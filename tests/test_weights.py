@@ -9,15 +9,12 @@ import pytest
 
 import npvlm
 from npvlm.errors import CheckpointError
-from npvlm.safetensors_io import SafetensorsFile, write_safetensors
+from npvlm.safetensors_file import SafetensorsFile
 from npvlm.weights import canonical_name, collapse_layers
 
-from conftest import GOLDENS, golden_meta, param_leaves
+from helpers import GOLDENS, golden_meta, param_leaves, read_safetensors, save_safetensors
 
-
-def _read_all(path):
-    with SafetensorsFile(path) as f:
-        return {k: f.read(k) for k in f.keys()}
+_read_all = read_safetensors
 
 
 @pytest.fixture
@@ -33,7 +30,7 @@ def f32_folder(tmp_path):
 def _rewrite(folder, change):
     tensors = _read_all(folder / "model.safetensors")
     change(tensors)
-    write_safetensors(folder / "model.safetensors", tensors)
+    save_safetensors(folder / "model.safetensors", tensors)
 
 
 
@@ -72,14 +69,14 @@ def test_bf16_sharded_hub_checkpoint_widens_exactly():
     shard = folder / index["weight_map"]["language_model.model.embed_tokens.weight"]
     with SafetensorsFile(shard) as f:
         assert f.dtype("language_model.model.embed_tokens.weight") == "BF16"
-        raw = f.read_raw("language_model.model.embed_tokens.weight")
+        raw = f.read_bits("language_model.model.embed_tokens.weight")
     np.testing.assert_array_equal(emb.view(np.uint32), raw.astype(np.uint32) << 16)
 
 
 def test_f16_checkpoint_loads(f32_folder):
     ref = npvlm.load(f32_folder)
     tensors = _read_all(f32_folder / "model.safetensors")
-    write_safetensors(f32_folder / "model.safetensors", {k: v.astype(np.float16) for k, v in tensors.items()})
+    save_safetensors(f32_folder / "model.safetensors", {k: v.astype(np.float16) for k, v in tensors.items()})
     half = npvlm.load(f32_folder)
     for (name, a), (_, b) in zip(param_leaves(ref.params), param_leaves(half.params)):
         np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32), err_msg=name)

@@ -490,7 +490,7 @@ def main():
             text = text[:text.index(start) + len(start)] + "\n" + report + "\n" + text[text.index(end):]
         else:
             text += f"\n{start}\n{report}\n{end}\n"
-        from npvlm.io import write_text_atomic
+        from npvlm.atomic import write_text_atomic
         write_text_atomic(doc, text)
 
 

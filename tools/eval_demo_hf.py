@@ -1,8 +1,8 @@
 """Parity on a trained model: the demo evaluation through npvlm and through transformers.
 
-    python tools/eval_demo_hf.py [--model npvlm/demo_model] [--scenes 300]
+    python tools/eval_demo_hf.py [--model npvlm/demo/model] [--scenes 300]
 
-Both run greedy decoding on the same held-out items (npvlm.evaluate.eval_items) with the same
+Both run greedy decoding on the same held-out items (npvlm.demo.evaluate.eval_items) with the same
 inputs (npvlm's processor, whose ids equal HF's PaliGemmaProcessor: tests/test_tokenizer.py).
 Prints both score tables and how many predictions are identical; exits 1 if any differ.
 """
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import npvlm  # noqa: E402
-from npvlm.evaluate import eval_items, format_scores, predict, score  # noqa: E402
+from npvlm.demo.evaluate import eval_items, format_scores, predict, score  # noqa: E402
 
 
 def hf_predict(hf, processor, scenes, items, batch_size=64, max_new_tokens=48):

@@ -3,7 +3,7 @@
     python tools/make_doc_figures.py [--out docs/images/detection_segmentation.png]
 
 Needs only npvlm (NumPy + Pillow). Steps, all through the library:
-1. a demo-world scene (`npvlm.scenes.make_scene(22)`), 128 px;
+1. a demo-world scene (`npvlm.demo.scenes.make_scene(22)`), 128 px;
 2. segmentation text as the model would write it: each object's true box encoded with
    `npvlm.detection.encode_box` (round(v * 1023), y before x) plus 16 `<seg>` codes drawn at
    random (seeded), e.g. `<loc0508><loc0152><loc0750><loc0400><seg071>... circle ; ...`;
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from npvlm.detection import encode_box, parse_detections  # noqa: E402
 from npvlm.draw import draw_objects  # noqa: E402
-from npvlm.io import save_image_atomic  # noqa: E402
-from npvlm.scenes import make_scene  # noqa: E402
+from npvlm.atomic import save_image_atomic  # noqa: E402
+from npvlm.demo.scenes import make_scene  # noqa: E402
 from npvlm.segmentation import decode_masks, load_vae, object_masks  # noqa: E402
 
 SCENE_SEED = 22

@@ -11,7 +11,7 @@ prompt `\\n` (prefix, bidirectional) + answer `<eos>` (suffix, causal; the only 
 
 State is saved to --work every --save-every steps (model, optimizer, step, loss log); the data
 of step k is generated from seed (SEED, k), so a resumed run sees exactly the batches it would
-have seen. The result is written in the official hub layout (BF16) to npvlm/demo_model/ with the
+have seen. The result is written in the official hub layout (BF16) to npvlm/demo/model/ with the
 tokenizer, and the loss curve to docs/demo_training.json.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from npvlm.image import preprocess  # noqa: E402
-from npvlm.scenes import COLORS, SHAPES, make_scene, task_kind, tasks  # noqa: E402
+from npvlm.demo.scenes import COLORS, SHAPES, make_scene, task_kind, tasks  # noqa: E402
 from npvlm.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
@@ -136,7 +136,7 @@ def collate(tok, examples):
 
 
 def validation_set(tok, per_kind=128):
-    """A fixed held-out set (its own seed, disjoint from training and from npvlm.evaluate):
+    """A fixed held-out set (its own seed, disjoint from training and from npvlm.demo.evaluate):
     `per_kind` items of each task kind, collated in batches of one kind."""
     rng = np.random.default_rng([VAL_SEED])
     by_kind = {k: [] for k in TASK_WEIGHTS}
@@ -154,9 +154,9 @@ def validate(model, val, tok):
     """Teacher-forced scores per task kind. Caption, color, count: exact match, the share of
     items whose every answer token (and <eos>) is the argmax given the true prefix, which is
     exactly the share that greedy decoding gets right. Detect: the argmax tokens at the answer
-    positions, decoded and parsed, scored like npvlm.evaluate (objects found at IoU >= 0.5);
+    positions, decoded and parsed, scored like npvlm.demo.evaluate (objects found at IoU >= 0.5);
     close to, not equal to, greedy decoding (each token sees the true prefix)."""
-    from npvlm.evaluate import detection_hits
+    from npvlm.demo.evaluate import detection_hits
     model.eval()
     out = {}
     for kind, (batch, items) in val.items():

@@ -1,7 +1,7 @@
 """The demo world: synthetic scenes of 1-3 colored shapes, and PaliGemma-style tasks about them.
 
 Used to train the embedded demo model (tools/train_demo.py), to evaluate it
-(`python -m npvlm.evaluate`), in tests and in the notebooks. NumPy + Pillow only, seeded.
+(`python -m npvlm.demo.evaluate`), in tests and in the notebooks. NumPy + Pillow only, seeded.
 
 The world:
 - a square RGB image (default 128 px) with a plain light background (each channel 225-250);
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .detection import encode_box
+from ..detection import encode_box
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (40, 85, 215), "yellow": (235, 200, 35)}

@@ -1,11 +1,11 @@
 """Evaluate a model on held-out scenes of the demo world (npvlm only, no torch).
 
-    python -m npvlm.evaluate                 # the embedded demo model, 300 scenes
-    python -m npvlm.evaluate --model DIR --scenes 300 --json scores.json
+    python -m npvlm.demo.evaluate                 # the embedded demo model, 300 scenes
+    python -m npvlm.demo.evaluate --model DIR --scenes 300 --json scores.json
 
 Scenes come from numpy.random.default_rng([EVAL_SEED, i]); training draws from a different
 root seed (tools/train_demo.py), so evaluation scenes are held out. Every task the world defines
-for a scene is asked (npvlm.scenes.tasks), greedy decoding, and scored:
+for a scene is asked (npvlm.demo.scenes.tasks), greedy decoding, and scored:
 - caption, color, count: exact match of the answer text;
 - detect: the fraction of ground-truth objects found, i.e. matched one-to-one by a predicted
   box with the right label at IoU >= 0.5 (boxes decoded with divisor 1023, the encoding the demo
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detection import iou, parse_detections
+from ..detection import iou, parse_detections
 from .scenes import make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
@@ -97,7 +97,7 @@ def format_scores(scores, title):
 
 
 def main(argv=None):
-    from .model import load  # noqa: PLC0415
+    from ..model import load  # noqa: PLC0415
     p = argparse.ArgumentParser(description="Score a model on held-out demo-world scenes.")
     p.add_argument("--model", default="demo")
     p.add_argument("--scenes", type=int, default=300)
@@ -113,7 +113,7 @@ def main(argv=None):
     print(format_scores(scores, f"{args.model}: {args.scenes} held-out scenes, {len(items)} prompts, "
                                 f"{elapsed:.1f} s ({args.backend})"))
     if args.json:
-        from .io import write_text_atomic  # noqa: PLC0415
+        from ..atomic import write_text_atomic  # noqa: PLC0415
         write_text_atomic(args.json, json.dumps({
             "scores": scores, "items": [vars(it) | {"prediction": pr} for it, pr in zip(items, predictions)]},
             indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Regenerate docs/errors.md by running every case of tests/test_robustness.py.
 
-    python tools/make_errors_doc.py               # writes docs/errors.md
-    python tools/make_errors_doc.py --out -       # prints it
+    python tests/make_errors_doc.py               # writes docs/errors.md
+    python tests/make_errors_doc.py --out -       # prints it
 
 Every message in the doc is what the API raised and what run.py printed on this machine, with
 the temporary folder removed from paths. Needs the test extra (pytest): pip install -e '.[test]'.
@@ -13,12 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+import test_robustness as T   # this folder: the robustness table
+from npvlm.errors import NpvlmError
 
-import test_robustness as T  # noqa: E402
-from npvlm.errors import NpvlmError  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HEADER = """\
 # Errors: what npvlm says about bad input, and what to do
@@ -33,12 +31,12 @@ the `--debug` output.
 
 **Generated file.** The messages below were produced by running each case of
 `tests/test_robustness.py` through the API and through `run.py`
-(`python tools/make_errors_doc.py`); paths are shown relative to the case's temporary folder.
+(`python tests/make_errors_doc.py`); paths are shown relative to the case's temporary folder.
 The tests check a fragment of each message (and that every case is listed here); rerun the
 tool after changing a message or adding a case.
 
 Columns: **API** is the exception and message of `npvlm.load(folder).generate(image, prompt,
-...)` (plus `npvlm.image.load_image` and `npvlm.io` for `allow_huge` and drawing); **run.py** is
+...)` (plus `npvlm.image.load_image` and `npvlm.atomic` for `allow_huge` and drawing); **run.py** is
 the last stderr line of `python run.py IMAGE PROMPT --model DIR ...`; **exit** its exit status.
 "Before load" means run.py refuses before it reads the model, so a mistake costs no loading time.
 """
@@ -46,10 +44,11 @@ the last stderr line of `python run.py IMAGE PROMPT --model DIR ...`; **exit** i
 FOOTER = """
 ## Why only safetensors
 
-npvlm reads weights from `.safetensors` files only, with its own parser
-(`npvlm/safetensors_io.py`): an 8-byte length, a JSON header, raw little-endian numbers. Nothing
-in such a file can run code, and every header is checked (length, JSON, dtype, shape, offsets that
-tile the data exactly) before a byte of tensor data is read.
+npvlm reads weights from `.safetensors` files only, with the `safetensors` package
+(`npvlm/safetensors_file.py`): an 8-byte length, a JSON header, raw little-endian numbers. Nothing
+in such a file can run code, and every header is checked (length, JSON, offsets that tile the
+data exactly, by the package; float dtypes, shapes against config.json, by npvlm) before a byte
+of tensor data is read.
 
 - **No pickle.** `pytorch_model.bin`, `*.pt`, `*.pth` and `*.ckpt` files are PyTorch pickles;
   unpickling one can execute arbitrary code (that is how pickle rebuilds objects), so npvlm never
@@ -75,8 +74,8 @@ tile the data exactly) before a byte of tensor data is read.
 
 ## Atomic outputs: nothing is lost
 
-Files that npvlm writes (`run.py --draw OUT.png`, `npvlm.io.save_image_atomic`,
-`write_text_atomic`, and `write_safetensors`) are written to a temporary file in the same folder
+Files that npvlm writes (`run.py --draw OUT.png`, `npvlm.atomic.save_image_atomic`,
+`write_text_atomic`) are written to a temporary file in the same folder
 (`.OUT.png.<random>.tmp`), flushed to disk, then renamed over the destination in one step
 (`os.replace`). So:
 
@@ -161,7 +160,7 @@ def main():
     if args.out == "-":
         print(text)
     else:
-        from npvlm.io import write_text_atomic
+        from npvlm.atomic import write_text_atomic
         write_text_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
 

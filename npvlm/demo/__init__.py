@@ -1,0 +1,8 @@
+"""The demo world: synthetic scenes of colored shapes (`scenes`), the small PaliGemma trained on
+them (`model/`, loaded by `npvlm.load("demo")`; docs/demo.md), a sample scene
+(`samples/scene.png`), and the held-out evaluation (`python -m npvlm.demo.evaluate`)."""
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+SAMPLE_SCENE = Path(__file__).resolve().parent / "samples" / "scene.png"
