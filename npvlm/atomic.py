@@ -5,6 +5,8 @@ import os
 import secrets
 from pathlib import Path
 
+from PIL import Image
+
 from .errors import InputError
 
 
@@ -32,7 +34,6 @@ def check_writable(path, inputs=()):
 
 def image_format(path):
     """The Pillow format name for an output file's extension (.png -> "PNG"); InputError if none."""
-    from PIL import Image  # noqa: PLC0415
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise InputError(f"{path}: unknown image extension {Path(path).suffix!r}; use .png or .jpg")

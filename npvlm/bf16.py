@@ -21,6 +21,7 @@ Axes: O output features (rows of W), I input features, R rows of x.
 
 import threading
 
+import ml_dtypes
 import numpy as np
 
 # Rows of W widened at a time: 2^18 elements = a 1 MB fp32 buffer, small enough to stay in a
@@ -43,7 +44,6 @@ def bf16_to_f32(bits):
 def f32_to_bf16(x):
     """float32[...] -> uint16[...] bfloat16 bits, round to nearest even (as torch `.to(bfloat16)`),
     via ml_dtypes' cast."""
-    import ml_dtypes  # noqa: PLC0415 (a dependency of the safetensors reader, imported with it)
     return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import synchronize
+from .detection import ParseResult, parse_detections
 from .errors import InputError
+from .image import load_image
 from .sampling import SamplingOptions, choose, row_generators
 
 
@@ -49,7 +51,6 @@ class Generation:
         pixels, plus any malformed records (npvlm.detection.parse_detections). An answer without
         any `<loc>` token (a caption, a VQA answer) is not a detection answer: no objects, no
         problems."""
-        from .detection import ParseResult, parse_detections  # noqa: PLC0415 (cycle: detection is light)
         if "<loc" not in self.text:
             return ParseResult((), ())
         width, height = self.image_size
@@ -68,7 +69,10 @@ def check_generation_args(cfg, prompt_len, max_new_tokens):
                          f"the model's {limit} positions; shorten the prompt or lower max_new_tokens")
 
 
-def generate_ids(model, batch, max_new_tokens=32, options=SamplingOptions(), stop_ids=None, on_step=None):
+GREEDY = SamplingOptions()
+
+
+def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None, on_step=None):
     """Generate up to `max_new_tokens` per row of a left-padded batch (host NumPy arrays:
     input_ids, attention_mask, optional pixel_values).
 
@@ -136,7 +140,7 @@ def greedy_ids(model, input_ids, attention_mask, pixel_values=None, max_new_toke
     """Greedy decoding (HF `generate(do_sample=False)`); host int64 [B, max_new_tokens], rows
     that stopped early padded with the pad id."""
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-    out = generate_ids(model, batch, max_new_tokens, SamplingOptions(), stop_ids)
+    out = generate_ids(model, batch, max_new_tokens, GREEDY, stop_ids)
     tokens = np.full((out.tokens.shape[0], max_new_tokens), model.cfg.pad_token_id, np.int64)
     tokens[:, :out.tokens.shape[1]] = out.tokens
     return tokens
@@ -211,7 +215,7 @@ def _as_lists(images, prompts):
     return images, prompts, False
 
 
-def generate(model, images, prompts, max_new_tokens=64, options=SamplingOptions(), stop=None, stream=None):
+def generate(model, images, prompts, max_new_tokens=64, options=GREEDY, stop=None, stream=None):
     """`PaliGemma.generate`: images + prompts -> Generation (or a list of them for list inputs)."""
     image_list, prompt_list, single = _as_lists(images, prompts)
     if stream is not None and len(prompt_list) != 1:
@@ -222,7 +226,6 @@ def generate(model, images, prompts, max_new_tokens=64, options=SamplingOptions(
     processor = model.processor
 
     t0 = time.perf_counter()
-    from .image import load_image  # noqa: PLC0415 (Pillow is needed for text generation only)
     image_list = [load_image(img) for img in image_list]       # RGB, upright
     inputs = processor(image_list, prompt_list)
     check_generation_args(model.cfg, inputs["input_ids"].shape[1], max_new_tokens)

@@ -7,18 +7,18 @@ device once.
 """
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from . import generate as gen
-from . import paligemma
+from . import hub, paligemma
 from .backend import get_backend, to_device, to_host
 from .bf16 import BF16Matrix
 from .config import load_config
 from .demo import MODEL_DIR as DEMO_MODEL
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import Generation  # noqa: F401 (the result type of generate, importable from here)
+from .processor import Processor
 from .sampling import SamplingOptions
 from .weights import check_weights_mode, load_params
 
@@ -127,15 +127,14 @@ class PaliGemma:
                 f"{', weights bf16' if self.weights == 'bf16' else ''})")
 
 
-def check_model_dir(path):
-    """The folder for a model argument: "demo" names the embedded demo model (a local folder
-    called demo is "./demo")."""
-    if str(path) == "demo":
-        path = DEMO_MODEL
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path}: the embedded demo model is missing from this installation; "
-                              "reinstall npvlm or train it with `python tools/train_demo.py`")
-    path = Path(path)
+def check_model_dir(name):
+    """The folder for a model argument (npvlm/hub.py): "demo" names the embedded demo model (a
+    local folder called demo is "./demo"), a local folder itself, "org/name" the Hugging Face
+    Hub model (from the local cache, downloaded if needed)."""
+    path = hub.resolve(name)
+    if path == DEMO_MODEL and not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: the embedded demo model is missing from this installation; "
+                          "reinstall npvlm or train it with `python tools/train_demo.py`")
     if not path.exists():
         raise ConfigError(f"{path}: model folder not found")
     if not path.is_dir():
@@ -154,7 +153,8 @@ def check_weights_option(weights, backend):
 
 def load(path, backend="numpy", weights="fp32"):
     """Load a PaliGemma model folder (config.json + safetensors [+ tokenizer.model]) onto
-    `backend` ("numpy" or "cupy"); "demo" is the embedded demo model. Weights are checked
+    `backend` ("numpy" or "cupy"); "demo" is the embedded demo model, "org/name" a Hugging Face
+    Hub model (npvlm/hub.py). Weights are checked
     strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
     (half the memory, slower decoding; NumPy only; npvlm/bf16.py)."""
     t0 = time.perf_counter()
@@ -164,7 +164,6 @@ def load(path, backend="numpy", weights="fp32"):
     cfg = load_config(path)
     processor = None
     if (path / "tokenizer.model").is_file():
-        from .processor import Processor  # noqa: PLC0415 (needs sentencepiece + pillow)
         processor = Processor.from_model_dir(path, cfg)
     params = load_params(path, cfg, weights)
     if xp.__name__ != "numpy":

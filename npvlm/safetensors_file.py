@@ -56,7 +56,10 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self.label = os.path.basename(self.path)
         try:
-            self._file = safe_open(self.path, framework="np", backend="pread")
+            try:
+                self._file = safe_open(self.path, framework="np", backend="pread")
+            except TypeError:          # safetensors < 0.8 has memory-mapped reads only
+                self._file = safe_open(self.path, framework="np")
         except SafetensorError as e:
             raise CheckpointError(f"{self.label}: {self._reason(str(e))}") from None
         except OSError as e:

@@ -32,6 +32,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .backend import array_module, to_host
 from .errors import CheckpointError, InputError
@@ -279,7 +280,6 @@ def paste_mask(mask64, box, width, height, threshold=0.5):
     `> 0`, and takes box pixels as int(v * size) from bins / 1023; the two differ only along
     mask edges.
     """
-    from PIL import Image  # noqa: PLC0415 (host-only; PIL is a core dependency)
     mask64 = np.asarray(to_host(mask64), dtype=np.float32)
     if mask64.shape != (MASK_SIZE, MASK_SIZE):
         raise InputError(f"mask64 must be [{MASK_SIZE}, {MASK_SIZE}], got {list(mask64.shape)}")

@@ -26,6 +26,8 @@ Everything here runs on the host; ids are plain Python ints.
 import re
 from pathlib import Path
 
+import sentencepiece as spm
+
 from .errors import CheckpointError, InputError
 
 IMAGE_TOKEN = "<image>"                                   # HF processing_paligemma.IMAGE_TOKEN
@@ -98,8 +100,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path, image_token_id):
         """Load a SentencePiece `tokenizer.model`; any problem is a one-line CheckpointError."""
-        import sentencepiece as spm  # noqa: PLC0415 (only text needs it)
-
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: file not found")

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from tqdm import tqdm
 
 from .bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16

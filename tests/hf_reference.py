@@ -1,7 +1,8 @@
 """Dev-only helpers that produce reference ("golden") data from Hugging Face transformers.
 
 This module needs ``torch``, ``transformers`` and ``safetensors``; the ``npvlm`` package itself
-does not. Tests import it with ``sys.path.insert(0, "tools")`` and skip when torch is missing.
+does not. It is the tests' library (tests/ is on sys.path under pytest); the live tests skip when
+torch is missing, and tests/make_goldens.py uses it to write the committed goldens.
 
 Main entry points:
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -233,7 +234,8 @@ def position_ids_from_mask(attention_mask) -> torch.Tensor:
 
 
 def _tensors(input_ids, attention_mask, token_type_ids, pixel_values):
-    as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    def as_long(a):
+        return torch.as_tensor(np.asarray(a), dtype=torch.long)
     return (
         as_long(input_ids),
         as_long(attention_mask),

@@ -13,8 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import test_robustness as T   # this folder: the robustness table
 from npvlm.errors import NpvlmError
+
+import test_robustness as T  # this folder: the robustness table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Write the Hugging Face golden files used by the parity tests.
 
-    python tools/make_goldens.py [--out tests/goldens]
+    python tests/make_goldens.py [--out tests/goldens]
 
 For each tiny random PaliGemma model below this writes
 
@@ -17,13 +17,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_reference as ref  # noqa: E402
+import hf_reference as ref  # this folder (the script's own, so on sys.path)
 
 FORMAT_VERSION = 1
 MAX_NEW_TOKENS = 32
@@ -351,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         models[name] = make_one(name, GOLDENS[name], args.out)
     meta = {
         "format_version": FORMAT_VERSION,
-        "generated_by": "python tools/make_goldens.py",
+        "generated_by": "python tests/make_goldens.py",
         "versions": ref.versions(),
         "models": {k: models[k] for k in sorted(models)},
     }

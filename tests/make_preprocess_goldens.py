@@ -1,6 +1,6 @@
 """Write the Hugging Face image-preprocessing goldens (tests/goldens/preprocess/).
 
-    python tools/make_preprocess_goldens.py [--out tests/goldens/preprocess]
+    python tests/make_preprocess_goldens.py [--out tests/goldens/preprocess]
 
 Each case is an input (a PNG file's bytes, so the PIL mode, palette and transparency travel
 with it, or an HWC uint8 array) and what transformers' `SiglipImageProcessorPil` (the image
@@ -14,14 +14,12 @@ Needs transformers (dev only). Deterministic: seeded images, the same versions g
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIZES = [(17, 9), (60, 40)]                                   # (width, height): up- and downscaling
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "1"]
@@ -69,8 +67,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "tests" / "goldens" / "preprocess")
     args = p.parse_args(argv)
-    import hf_reference as ref
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    import hf_reference as ref
 
     arrays, meta = {}, {}
     for name, (kind, data, size) in cases().items():
@@ -84,7 +83,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "goldens.npz", **arrays)
     (args.out / "meta.json").write_text(json.dumps(
-        {"generated_by": "python tools/make_preprocess_goldens.py",
+        {"generated_by": "python tests/make_preprocess_goldens.py",
          "processor": "transformers SiglipImageProcessorPil (PaliGemma's), default settings",
          "versions": ref.versions(), "cases": meta}, indent=2) + "\n")
     print(f"wrote {args.out} ({(args.out / 'goldens.npz').stat().st_size / 1e3:.0f} KB)")

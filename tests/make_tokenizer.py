@@ -1,7 +1,7 @@
 r"""Train the tiny test tokenizer: a SentencePiece model with Gemma's / PaliGemma's id layout.
 
-    python tools/make_tokenizer.py                 # writes tests/fixtures/tokenizer/
-    python tools/make_tokenizer.py --out /tmp/tok  # somewhere else
+    python tests/make_tokenizer.py                 # writes tests/fixtures/tokenizer/
+    python tests/make_tokenizer.py --out /tmp/tok  # somewhere else
 
 Needs only `sentencepiece`. The output is deterministic: the corpus is generated from a fixed
 seed and trained single-threaded, so rerunning gives a byte-identical `tokenizer.model`.

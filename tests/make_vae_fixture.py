@@ -1,6 +1,6 @@
 """Write the tiny VQ-VAE fixture and its PyTorch golden masks (dev only: needs torch).
 
-    python tools/make_vae_fixture.py [--out tests/fixtures/vae]
+    python tests/make_vae_fixture.py [--out tests/fixtures/vae]
 
 Writes
     <out>/vae-tiny.npz       random weights under the official vae-oid.npz key names and
@@ -41,7 +41,7 @@ SEED = 20240514
 D_FIXTURE = 64          # code width of the fixture (the real file's D is read from it)
 N_GOLDEN = 6            # golden masks
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "vae")
-COMMAND = "python tools/make_vae_fixture.py  (needs: pip install -e '.[reference]')"
+COMMAND = "python tests/make_vae_fixture.py  (needs: pip install -e '.[reference]')"
 
 
 class ResBlock(nn.Module):
@@ -64,7 +64,8 @@ class MaskVAE(nn.Module):
         super().__init__()
         self._vq_vae = nn.Module()
         self._vq_vae._embedding = nn.Parameter(torch.zeros(128, D))
-        up = lambda i, o: [nn.ConvTranspose2d(i, o, 4, stride=2, padding=1), nn.ReLU()]  # noqa: E731
+        def up(i, o):
+            return [nn.ConvTranspose2d(i, o, 4, stride=2, padding=1), nn.ReLU()]
         self.decoder = nn.Sequential(
             nn.Conv2d(D, 128, 1), nn.ReLU(),                        # 0, 1
             ResBlock(128), ResBlock(128),                           # 2, 3

@@ -6,8 +6,8 @@ from PIL import Image
 
 import npvlm
 from npvlm.errors import InputError
-from helpers import BACKENDS
-from helpers import write_random_model
+
+from helpers import BACKENDS, write_random_model
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

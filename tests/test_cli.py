@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT
-from helpers import write_random_model
+from helpers import ROOT, write_random_model
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,72 @@ def test_image_errors(tmp_path, model_dir):
 def test_debug_shows_traceback(model_dir, image):
     r = run(image, "caption en", "--model", model_dir, "--max-new-tokens", "0", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ---- the installed command, Unix manners, notes on stderr ---------------------------------------
+
+def test_command_and_module_print_what_run_py_prints(model_dir, image):
+    """`npvlm` (console script), `python -m npvlm` and `python run.py`: one program."""
+    import shutil
+    args = [str(image), "caption en", "--model", str(model_dir), "--max-new-tokens", "6", "--json"]
+    outs = [run(*args).stdout,
+            subprocess.run([sys.executable, "-m", "npvlm", *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120).stdout]
+    exe = shutil.which("npvlm", path=str(Path(sys.executable).parent))
+    assert exe, "the npvlm console script is not installed next to this python (pip install -e .)"
+    outs.append(subprocess.run([exe, *args], capture_output=True, text=True, timeout=120).stdout)
+    texts = [json.loads(o)["tokens"] for o in outs]
+    assert texts[0] == texts[1] == texts[2]
+
+
+def _shell(command):
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("pipe", ["--stream | head -c 3", "| head -0", "--json | head -c 1"])
+def test_a_closed_pipe_ends_quietly(pipe):
+    r = _shell(f"{sys.executable} run.py {pipe}; echo \"status ${{PIPESTATUS[0]}}\" >&2")
+    assert "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] in ("status 0", "status 141"), r.stderr
+
+
+def test_a_full_disk_is_one_error_line():
+    r = _shell(f"{sys.executable} run.py > /dev/full")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == "error: cannot write the answer to stdout (No space left on device)", r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+
+
+def test_demo_prompt_outside_its_tasks_is_noted():
+    r = run(str(ROOT / "npvlm" / "demo" / "samples" / "scene.png"), "segment circle")
+    assert r.returncode == 0
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: the demo model")]
+    assert len(notes) == 1 and "'segment circle' is not one of them" in notes[0]
+    assert not [line for line in run().stderr.splitlines() if line.startswith("note:")]   # caption en
+
+
+def test_answer_cut_at_max_new_tokens_is_noted(model_dir, image):
+    r = run(image, "caption en", "--model", model_dir, "--max-new-tokens", 3, "--json")
+    if json.loads(r.stdout)["finish_reason"] == "length":
+        assert "note: the answer was cut at --max-new-tokens 3" in r.stderr
+    done = run(ROOT / "npvlm" / "demo" / "samples" / "scene.png", "caption en", "--max-new-tokens", 3)
+    assert "note: the answer was cut at --max-new-tokens 3 before the model ended it" in done.stderr
+
+
+def test_stream_with_json_is_refused(model_dir, image):
+    r = run(image, "caption en", "--model", model_dir, "--stream", "--json")
+    assert_one_line_error(r, "--stream and --json cannot be combined", code=1)
+    assert "loading" not in r.stderr
+
+
+def test_max_new_tokens_that_cannot_fit_is_refused_before_loading(model_dir, image):
+    r = run(image, "caption en", "--model", model_dir, "--max-new-tokens", 60)
+    assert_one_line_error(r, "exceeds the model's 64 positions", code=1)
+    assert "loading" not in r.stderr
+
+
+def test_help_shows_defaults():
+    r = run("--help")
+    assert r.returncode == 0
+    assert "(default: 64)" in r.stdout and "(default: demo)" in r.stdout and "(default: numpy)" in r.stdout

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 import npvlm
-from npvlm.detection import iou
-from npvlm.demo import MODEL_DIR as DEMO_MODEL, SAMPLE_SCENE
+from npvlm.demo import MODEL_DIR as DEMO_MODEL
+from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import COLORS, SHAPES, make_scene
+from npvlm.detection import iou
 
 from helpers import ROOT
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm import sampling
-from npvlm import backend
+from npvlm import backend, sampling
 from npvlm.backend import to_device
 from npvlm.generate import generate_ids
 from npvlm.model import PaliGemma

@@ -10,8 +10,12 @@ from PIL import Image
 
 from npvlm.errors import InputError
 from npvlm.image import load_image, preprocess, preprocess_batch
+
 from helpers import one_line_error
-from make_preprocess_goldens import in_mode, random_rgba   # tools/ (no torch needed): the goldens' images
+from make_preprocess_goldens import (  # tests/make_preprocess_goldens.py (no torch needed): the goldens' images
+    in_mode,
+    random_rgba,
+)
 
 SIZES = [(1, 1), (17, 9), (300, 200), (10000, 10)]          # (width, height)
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK", "1"]
@@ -45,7 +49,7 @@ GOLDEN_CASES = json.loads((PREPROCESS_GOLDENS / "meta.json").read_text())["cases
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_preprocess_equals_hf_golden(name, tmp_path):
-    """HF `SiglipImageProcessorPil` outputs written by tools/make_preprocess_goldens.py: PNG files
+    """HF `SiglipImageProcessorPil` outputs written by tests/make_preprocess_goldens.py: PNG files
     in every PIL mode (read from disk by npvlm, as run.py does), HWC arrays, the sample scene at
     64 and 224 px."""
     case = GOLDEN_CASES[name]
@@ -193,7 +197,7 @@ def test_file_errors(tmp_path):
     one_line_input_error(lambda: load_image(empty), "empty.jpg", "0 bytes")
     for fmt, name in [("PNG", "cut.png"), ("JPEG", "cut.jpg")]:
         _write_truncated(tmp_path / name, fmt)
-        one_line_input_error(lambda: load_image(tmp_path / name), name, "truncated")
+        one_line_input_error(lambda path=tmp_path / name: load_image(path), name, "truncated")
     with Image.open(tmp_path / "cut.png") as lazy:      # a lazily opened PIL image too
         one_line_input_error(lambda: load_image(lazy), "truncated")
 

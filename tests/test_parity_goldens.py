@@ -1,5 +1,5 @@
 """Tier 2 and 3: npvlm against golden tensors from HF transformers (eager, fp32), stage by
-stage, then greedy generation token for token. Goldens: tools/make_goldens.py."""
+stage, then greedy generation token for token. Goldens: tests/make_goldens.py."""
 
 import numpy as np
 import pytest

@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 
 import npvlm
+from npvlm.atomic import check_writable, image_format, save_image_atomic
 from npvlm.errors import BackendError, CheckpointError, ConfigError, InputError, NpvlmError
 from npvlm.image import load_image
-from npvlm.atomic import check_writable, image_format, save_image_atomic
 
 from helpers import ROOT, read_safetensors, save_safetensors, write_random_model
 

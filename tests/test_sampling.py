@@ -36,8 +36,12 @@ def test_top_k_and_top_p_by_hand(xp):
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9), (0.8, 10, 0.5)])
 def test_filters_match_hf_warpers(torch_and_transformers, temperature, top_k, top_p):
     torch, transformers = torch_and_transformers
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     logits = rng.normal(scale=3.0, size=(4, 300)).astype(np.float32)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
                                   + ([TopKLogitsWarper(top_k)] if top_k else [])

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from npvlm.detection import iou, parse_detections
 from npvlm.demo.scenes import COLORS, SHAPES, caption, make_scene, task_kind, tasks
+from npvlm.detection import iou, parse_detections
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -55,5 +55,6 @@ def test_color_question_only_when_unique():
 
 def test_bundled_sample_is_scene_22():
     from PIL import Image
+
     from npvlm.demo import SAMPLE_SCENE
     assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(22).image)

@@ -14,14 +14,22 @@ from npvlm.backend import to_device, to_host
 from npvlm.detection import DetectedObject, encode_box, parse_detections
 from npvlm.draw import draw_objects
 from npvlm.errors import CheckpointError, InputError
-from npvlm.segmentation import (conv2d, conv_kernel, conv_transpose2d, conv_transpose_kernel,
-                                decode_masks, load_vae, object_masks, paste_mask)
+from npvlm.segmentation import (
+    conv2d,
+    conv_kernel,
+    conv_transpose2d,
+    conv_transpose_kernel,
+    decode_masks,
+    load_vae,
+    object_masks,
+    paste_mask,
+)
 from npvlm.trace import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "vae"
 FORMAT_VERSION = 1
-REGENERATE = "python tools/make_vae_fixture.py  (needs: pip install -e '.[reference]')"
+REGENERATE = "python tests/make_vae_fixture.py  (needs: pip install -e '.[reference]')"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,7 @@ def test_decoder_grid_is_row_major(vae, golden):
 def test_live_torch_decoder_stage_by_stage(tmp_path):
     """A fresh Gaussian-weight PyTorch decoder (another D, another seed), saved as npz."""
     pytest.importorskip("torch", reason="torch not installed: pip install -e '.[reference]'")
-    import make_vae_fixture as mk   # tools/ is on sys.path (conftest)
+    import make_vae_fixture as mk  # tests/make_vae_fixture.py
     model = mk.build(D=24, seed=7, ternary=False)
     mk.save_npz(tmp_path / "vae.npz", mk.state_arrays(model))
     codes = np.random.default_rng(3).integers(0, 128, size=(3, 16))
@@ -125,7 +133,8 @@ def test_conv_transpose_matches_scatter_add(k, stride, padding, I, O):
     b = rng.standard_normal(O).astype(np.float32)
     ours = conv_transpose2d(x, conv_transpose_kernel(w), b, stride=stride, padding=padding)
     ref = _scatter_add_conv_transpose(x.astype(np.float64), w.astype(np.float64), b, stride, padding)
-    side = lambda n: (n - 1) * stride - 2 * padding + k    # noqa: E731
+    def side(n):
+        return (n - 1) * stride - 2 * padding + k
     assert ours.shape == ref.shape == (2, side(3), side(4), O)
     print(f"conv_transpose k={k} s={stride} p={padding}: max|Δ|={np.abs(ours - ref).max():.2e}")
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)

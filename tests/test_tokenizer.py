@@ -1,7 +1,7 @@
 """Tokenizer + processor: ids, masks and text equal HF 5.24 `PaliGemmaProcessor` / `GemmaTokenizer`.
 
 The fixture `tests/fixtures/tokenizer/` is a tiny SentencePiece model with Gemma's id layout
-(tools/make_tokenizer.py) and HF's own conversion of it, `tokenizer.json`. The HF side is built
+(tests/make_tokenizer.py) and HF's own conversion of it, `tokenizer.json`. The HF side is built
 from the same folder; the tests skip when transformers is not installed.
 """
 
@@ -18,11 +18,12 @@ from npvlm.config import config_from_dict
 from npvlm.errors import CheckpointError, InputError
 from npvlm.processor import Processor
 from npvlm.tokenizer import Tokenizer
+
 from helpers import one_line_error
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 MODEL = FIXTURE / "tokenizer.model"
-REGENERATE = "pip install protobuf && python tools/make_tokenizer.py"
+REGENERATE = "pip install protobuf && python tests/make_tokenizer.py"
 IMAGE_SIZE, PATCH = 28, 14
 N_IMG = (IMAGE_SIZE // PATCH) ** 2   # 4 image tokens
 

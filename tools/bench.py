@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SIZES = {
     # PaliGemma 1 3B-224: SigLIP So400m/14 + Gemma 2B (spec §2.1)
@@ -64,8 +63,10 @@ def config_dict(size):
 
 def make_checkpoint(size, cache, shard_bytes=2_000_000_000):
     """Random BF16 weights in the hub layout, written shard by shard (bounded memory)."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
     from npvlm.config import config_from_dict
-    from npvlm.safetensors_io import write_safetensors
     from npvlm.weights import expected_shapes
     folder = cache / SIZES[size]["name"]
     if (folder / "model.safetensors.index.json").is_file():
@@ -95,7 +96,8 @@ def make_checkpoint(size, cache, shard_bytes=2_000_000_000):
             else:
                 fan_in = shapes[n][-1] if len(shapes[n]) == 2 else int(np.prod(shapes[n][1:]))
                 tensors[n] = rng.standard_normal(shapes[n], dtype=np.float32) * np.float32(fan_in ** -0.5)
-        write_safetensors(folder / shard, tensors, metadata={"format": "pt"}, dtype="BF16")
+        save_file({n: t.astype(ml_dtypes.bfloat16) for n, t in tensors.items()}, str(folder / shard),
+                  metadata={"format": "pt"})
         weight_map.update({n: shard for n in names})
         print(f"  wrote {shard}", file=sys.stderr, flush=True)
         del tensors
@@ -291,7 +293,7 @@ def machine_limits(size, repeats=5):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         flops += 2 * m * k * n
-        secs += median_time(lambda: a @ b, repeats)
+        secs += median_time(lambda a=a, b=b: a @ b, repeats)
     gemm = flops / secs / 1e9
     w = rng.standard_normal((16384, 16384), dtype=np.float32)     # 1 GiB
     x = rng.standard_normal(16384, dtype=np.float32)
@@ -312,7 +314,7 @@ def worker_floor(args):
     """The floor for `load`, in its own process like the loaders: read every checkpoint byte and
     widen BF16 -> fp32 into arrays that are kept, as any loader must keep them (so the OS has
     to hold the fp32 weights and the file cache at once, exactly as during a real load)."""
-    from npvlm.safetensors_io import SafetensorsFile
+    from npvlm.safetensors_file import SafetensorsFile
     t0 = time.perf_counter()
     kept = []
     for path in sorted(Path(args.model).glob("*.safetensors")):

@@ -12,14 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import npvlm
+from npvlm.demo.evaluate import eval_items, format_scores, predict, score
 
-import npvlm  # noqa: E402
-from npvlm.demo.evaluate import eval_items, format_scores, predict, score  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def hf_predict(hf, processor, scenes, items, batch_size=64, max_new_tokens=48):

@@ -17,20 +17,18 @@ geometry of the pipeline (grid -> 64x64 -> box), not what a trained decoder prod
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from npvlm.atomic import save_image_atomic
+from npvlm.demo.scenes import make_scene
+from npvlm.detection import encode_box, parse_detections
+from npvlm.draw import draw_objects
+from npvlm.segmentation import decode_masks, load_vae, object_masks
 
-from npvlm.detection import encode_box, parse_detections  # noqa: E402
-from npvlm.draw import draw_objects  # noqa: E402
-from npvlm.atomic import save_image_atomic  # noqa: E402
-from npvlm.demo.scenes import make_scene  # noqa: E402
-from npvlm.segmentation import decode_masks, load_vae, object_masks  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SCENE_SEED = 22
 CODES_SEED = 7

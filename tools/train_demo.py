@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from npvlm.demo.scenes import COLORS, SHAPES, make_scene, task_kind, tasks
+from npvlm.image import preprocess
+from npvlm.tokenizer import Tokenizer
 
-from npvlm.image import preprocess  # noqa: E402
-from npvlm.demo.scenes import COLORS, SHAPES, make_scene, task_kind, tasks  # noqa: E402
-from npvlm.tokenizer import Tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
 OUT = ROOT / "npvlm" / "demo_model"
@@ -221,14 +219,31 @@ def save_state(work, model, aux_head, opt, step, log, args):
 
 
 def export(model, tok_path, log, args):
-    import hf_reference
+    """The official hub layout (npvlm's canonical names: `vision_tower.vision_model.*`, ...),
+    BF16 as the official checkpoints, one shard + index, no lm_head (tied)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from npvlm.weights import LM_HEAD, canonical_name
     model.eval()
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    # BF16, as the official checkpoints: 5.33 M parameters in F32 would be 21.3 MB (limit 16 MB).
-    # Both npvlm and transformers widen the stored BF16 values to fp32 exactly when loading.
-    hf_reference.save_hub_layout(model, str(out), dtype="bf16", n_shards=1)
+    out.mkdir(parents=True)
+    # BF16: 5.33 M parameters in F32 would be 21.3 MB (limit 16 MB). Both npvlm and transformers
+    # widen the stored BF16 values to fp32 exactly when loading.
+    tensors = {canonical_name(k): v.detach().to(torch.bfloat16).contiguous().clone()
+               for k, v in model.state_dict().items()}
+    tensors.pop(LM_HEAD)
+    shard = "model-00001-of-00001.safetensors"
+    save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.dtype = torch.bfloat16
+    config.to_json_file(str(out / "config.json"))
+    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in tensors.values())},
+             "weight_map": dict.fromkeys(sorted(tensors), shard)}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     shutil.copy(tok_path, out / "tokenizer.model")
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"exported to {out} ({size / 1e6:.1f} MB)")

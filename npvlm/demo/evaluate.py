@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..detection import iou, parse_detections
+from ..model import load
 from .scenes import make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
@@ -97,7 +99,6 @@ def format_scores(scores, title):
 
 
 def main(argv=None):
-    from ..model import load  # noqa: PLC0415
     p = argparse.ArgumentParser(description="Score a model on held-out demo-world scenes.")
     p.add_argument("--model", default="demo")
     p.add_argument("--scenes", type=int, default=300)
@@ -113,7 +114,6 @@ def main(argv=None):
     print(format_scores(scores, f"{args.model}: {args.scenes} held-out scenes, {len(items)} prompts, "
                                 f"{elapsed:.1f} s ({args.backend})"))
     if args.json:
-        from ..atomic import write_text_atomic  # noqa: PLC0415
         write_text_atomic(args.json, json.dumps({
             "scores": scores, "items": [vars(it) | {"prediction": pr} for it, pr in zip(items, predictions)]},
             indent=1) + "\n")

@@ -126,6 +126,15 @@ def tasks(scene):
     return out
 
 
+def trained_prompts():
+    """Every prompt `tasks` can ask: exactly what the demo model was trained on."""
+    out = ["caption en", "answer en how many shapes are there?"]
+    out += [f"answer en what color is the {shape}?" for shape in SHAPES]
+    out += [f"detect {shape}" for shape in SHAPES]
+    out += [f"detect {a} ; {b}" for i, a in enumerate(SHAPES) for b in SHAPES[i + 1:]]
+    return out
+
+
 def task_kind(prompt):
     """'caption', 'color', 'count' or 'detect'."""
     if prompt.startswith("caption"):

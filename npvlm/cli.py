@@ -1,0 +1,228 @@
+"""The command line: answer a prompt about an image with PaliGemma, in NumPy (or CuPy).
+
+    npvlm                                  # the embedded demo model on a bundled sample scene
+    npvlm IMAGE PROMPT [--model DIR|ORG/NAME] [options]
+    python -m npvlm ...  /  python run.py ...      (the same program)
+
+stdout carries only the answer (or one JSON object with --json); progress and notes go to
+stderr. Errors print one `error:` line and exit 1 (2 for options argparse rejects); --debug
+shows the traceback. A closed stdout (`| head`) ends the program quietly.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .atomic import check_writable, image_format, save_image_atomic
+from .backend import get_backend
+from .config import load_config
+from .demo import MODEL_DIR as DEMO_MODEL
+from .demo import SAMPLE_SCENE
+from .demo.scenes import trained_prompts
+from .draw import draw_objects
+from .errors import InputError, NpvlmError
+from .generate import check_generation_args
+from .image import load_image
+from .model import check_model_dir, check_weights_option, load
+from .processor import Processor
+from .sampling import SamplingOptions
+from .segmentation import load_vae, object_masks
+
+SIGPIPE_EXIT = 141          # 128 + SIGPIPE: what a Unix tool whose reader went away exits with
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none (None, off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                     # one line instead of usage + message
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv):
+    p = _Parser(prog="npvlm", description="PaliGemma in NumPy: answer PROMPT about IMAGE.",
+                formatter_class=_Help)
+    p.add_argument("image", nargs="?", help="image file (anything Pillow opens); default: a bundled "
+                   "sample scene")
+    p.add_argument("prompt", nargs="?", default="caption en",
+                   help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat"')
+    p.add_argument("--model", metavar="DIR|ORG/NAME", default="demo", help="a PaliGemma folder "
+                   "(config.json, *.safetensors, tokenizer.model), a Hugging Face Hub id such as "
+                   "google/paligemma-3b-mix-224 (from the local cache, downloaded if needed), or "
+                   "'demo', the embedded demo model")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="the most tokens to generate (the answer may end sooner, at <eos>)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="for sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="array library: numpy (CPU) or cupy (an NVIDIA GPU; docs/gpu.md)")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: keep the weight matrices in bfloat16, half the memory (3B-224: "
+                        "6.1 GB of RAM instead of 11.8 GB), about half the decoding speed; numpy only")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, "
+                   "finish_reason, timings, detected objects")
+    p.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes, labels "
+                   "and (with --vae) segmentation masks")
+    p.add_argument("--vae", metavar="vae-oid.npz", help="big_vision's VQ-VAE mask decoder, to turn "
+                   "the <seg> tokens of `segment ...` answers into masks "
+                   "(gs://big_vision/paligemma/vae-oid.npz)")
+    p.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
+                   help="map <locNNNN> bins to pixels as bin/1024*size (public demo) or bin/1023 "
+                        "(big_vision)")
+    p.add_argument("--allow-huge-image", action="store_true",
+                   help="decode images above Pillow's decompression-bomb limit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def check_prompt_text(prompt):
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:   # argv bytes that are not UTF-8 arrive as lone surrogates
+        ch = prompt[e.start]
+        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"U+{ord(ch):04X}"
+        raise InputError(f"the prompt is not valid UTF-8 text ({what} at character {e.start}); "
+                         "pass it in UTF-8") from None
+
+
+def check_before_load(args):
+    """Every check that needs no weights, in the order a user would fix them, so a mistake
+    costs no loading time. Returns (model folder, image)."""
+    check_prompt_text(args.prompt)
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.stream and args.json:
+        raise InputError("--stream and --json cannot be combined: --json prints one object when "
+                         "the answer is complete")
+    check_weights_option(args.weights, args.backend)
+    image_path = SAMPLE_SCENE if args.image is None else args.image
+    if args.draw:
+        check_writable(args.draw, inputs=[image_path])
+        image_format(args.draw)
+    image = load_image(image_path, allow_huge=args.allow_huge_image)
+    get_backend(args.backend)
+    folder = check_model_dir(args.model)
+    cfg = load_config(folder)
+    # the prompt's exact length, from the tokenizer (cheap), against the model's positions
+    tokenizer = Processor.from_model_dir(folder, cfg).tokenizer
+    prompt_len = len(tokenizer.prompt_ids(args.prompt, cfg.num_image_tokens)[0])
+    check_generation_args(cfg, prompt_len, args.max_new_tokens)
+    return folder, image
+
+
+def notes(args, folder, result):
+    """One-line notes on stderr about an answer that may not be what the user wanted."""
+    if folder == DEMO_MODEL and args.prompt not in trained_prompts():
+        print(f"note: the demo model was trained only on its shape-world tasks (docs/demo.md: "
+              f"caption en, answer en what color is the circle?, answer en how many shapes are "
+              f"there?, detect circle, detect circle ; square ...); {args.prompt!r} is not one of "
+              "them, so its answer means nothing", file=sys.stderr)
+    if result.finish_reason == "length":
+        print(f"note: the answer was cut at --max-new-tokens {args.max_new_tokens} before the model "
+              "ended it; raise --max-new-tokens for the rest", file=sys.stderr)
+
+
+def objects_json(found, masks):
+    return [{"label": o.label, "box_yxyx": [round(v, 2) for v in o.box], "loc_bins": list(o.bins),
+             "seg_codes": list(o.seg) if o.seg else None,
+             "mask_pixels": None if m is None else int(m.sum())}
+            for o, m in zip(found.objects, masks)]
+
+
+def write_stdout(text):
+    """Write (and flush) to stdout; a failed write is a one-line error, a closed pipe goes up
+    as BrokenPipeError (a quiet end)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:                     # e.g. stdout is a file on a full disk
+        raise InputError(f"cannot write the answer to stdout ({e.strerror or e})") from None
+
+
+def run(args):
+    folder, image = check_before_load(args)
+    vae = load_vae(args.vae) if args.vae else None
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ({args.backend})", file=sys.stderr)
+    model = load(folder, backend=args.backend, weights=args.weights)
+    print(f"loaded in {time.perf_counter() - t0:.2f} s: {model}", file=sys.stderr)
+
+    result = model.generate(image, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop, stream=write_stdout if args.stream else None)
+    t = result.timings
+    print(f"image encode {t['image_encode_s']:.3f} s, prefill {t['prefill_s']:.3f} s "
+          f"({t['prefill_tokens']} tokens), decode {len(result.tokens)} tokens"
+          + (f" at {t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else ""),
+          file=sys.stderr)
+    notes(args, folder, result)
+
+    found = result.detections(args.loc_divisor)   # empty unless the answer holds <loc> tokens
+    for problem in found.problems:
+        print(f"warning: malformed detection record {problem.text!r}: {problem.reason}", file=sys.stderr)
+    masks = [None] * len(found.objects)
+    if any(o.seg is not None for o in found.objects):
+        if vae is None:
+            print("note: the answer has segmentation codes; to turn them into masks pass --vae "
+                  "vae-oid.npz (download it from gs://big_vision/paligemma/vae-oid.npz)", file=sys.stderr)
+        else:
+            masks = object_masks(found.objects, vae, image.width, image.height)
+    if args.draw:
+        save_image_atomic(draw_objects(image, found.objects, masks), args.draw)
+        print(f"drew {len(found.objects)} object(s) to {args.draw}", file=sys.stderr)
+    if args.json:
+        write_stdout(json.dumps({"text": result.text, "tokens": result.tokens,
+                                 "finish_reason": result.finish_reason, "timings": result.timings,
+                                 "objects": objects_json(found, masks),
+                                 "malformed": [{"text": p.text, "reason": p.reason} for p in found.problems]}) + "\n")
+    else:
+        write_stdout("\n" if args.stream else result.text + "\n")
+    return 0
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so the interpreter's own flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:            # the reader closed the pipe (`| head`): stop quietly
+        _silence_stdout()
+        return SIGPIPE_EXIT
+    except Exception as e:  # one line, unless --debug
+        if args.debug:
+            raise
+        if isinstance(e, NpvlmError) and str(e).startswith("cannot write the answer to stdout"):
+            _silence_stdout()
+        kind = "error" if isinstance(e, NpvlmError) else f"internal error ({type(e).__name__})"
+        print(f"{kind}: {e}".splitlines()[0] if str(e) else kind, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
