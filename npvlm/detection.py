@@ -1,4 +1,4 @@
-"""PaliGemma detection / segmentation text -> objects with boxes (spec §13).
+"""PaliGemma detection / segmentation text -> objects with boxes (docs/spec.md §13).
 
 The model writes one record per object, records separated by ` ; `:
 

@@ -2,7 +2,7 @@
 
 Axis letters: H, W input height/width; S model image side (224/448/896); B batch; C = 3 channels.
 
-`preprocess` gives what HF transformers 5.24 `SiglipImageProcessorPil` gives (spec §4.1):
+`preprocess` gives what HF transformers 5.24 `SiglipImageProcessorPil` gives (docs/spec.md §4.1):
 PIL bicubic resize to S x S in uint8, then `x * (1/255)` in float64 -> float32, then
 `(x - 0.5) / 0.5`, channels first. (HF's default `SiglipImageProcessor` in 5.x is the torchvision
 backend, whose resize differs slightly; the PIL class is the one that matches the v4 pipeline.)

@@ -1,5 +1,5 @@
 """Images + prompts -> model inputs, as HF 5.24 `PaliGemmaProcessor(..., padding="longest")` with
-the tokenizer's `padding_side="left"` (spec §5.2).
+the tokenizer's `padding_side="left"` (docs/spec.md §5.2).
 
 Axis letters: B batch (one image per prompt), T sequence (image tokens + bos + prompt + "\\n"
 [+ suffix + eos]), S image side.

@@ -1,4 +1,4 @@
-"""Segmentation masks: PaliGemma's 16 `<seg>` codes -> a 64x64 mask -> a full-image mask (spec §13.2).
+"""Segmentation masks: PaliGemma's 16 `<seg>` codes -> a 64x64 mask -> a full-image mask (docs/spec.md §13.2).
 
 Axis legend: B masks (objects), K codebook entries (128), D code width (read from the file),
 Y, X grid rows and columns, I input channels, O output channels, k kernel side, H, W image
@@ -184,7 +184,7 @@ def conv2d(x, w, b, padding=0):
 
 
 def conv_transpose2d(x, w, b, stride=UP_STRIDE, padding=UP_PADDING):
-    """PyTorch ConvTranspose2d(k, stride, padding) as a plain correlation (spec §13.2):
+    """PyTorch ConvTranspose2d(k, stride, padding) as a plain correlation (docs/spec.md §13.2):
     insert stride-1 zeros between input pixels, pad k-1-padding on each side, then correlate with
     the spatially flipped, in/out-swapped kernel (`conv_transpose_kernel` made it at load).
 
@@ -268,7 +268,7 @@ def paste_mask(mask64, box, width, height, threshold=0.5):
     y_max, x_max) in image pixels (`DetectedObject.box`); width, height: the image size.
     -> bool[H, W] (`soft > threshold`), or float32[H, W] in [0, 1] when threshold is None.
 
-    Demo recipe (spec §13.2): m = clip(mask64 * 0.5 + 0.5, 0, 1) -> uint8 (m * 255, truncated)
+    Demo recipe (docs/spec.md §13.2): m = clip(mask64 * 0.5 + 0.5, 0, 1) -> uint8 (m * 255, truncated)
     -> PIL image resized to the box size (x2 - x1, y2 - y1) with PIL's default filter (bicubic
     for 8-bit images since Pillow 7) -> / 255, written into mask[y1:y2, x1:x2]; zero elsewhere.
     Box corners are rounded to whole pixels (Python `round`, as the demo does). A box reaching

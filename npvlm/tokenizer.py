@@ -2,7 +2,7 @@
 
 Text -> ids follows transformers 5.24 `PaliGemmaProcessor` + `GemmaTokenizer`; ids -> text follows
 `tokenizer.decode(ids, skip_special_tokens=True)`. The SentencePiece model already holds every
-id but one (spec §5.1):
+id but one (docs/spec.md §5.1):
 
     <pad> 0, <eos> 1, <bos> 2, <unk> 3   control pieces (ids come from the model, not from here)
     <loc0000>..<loc1023>, <seg000>..<seg127>   user-defined pieces (256000.. in the real model)

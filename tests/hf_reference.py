@@ -12,7 +12,7 @@ Main entry points:
 - :func:`greedy_generate`   exactly ``n`` greedy tokens (eos disabled); also
                             :func:`greedy_generate_with_logits` and :func:`greedy_margins`
 - :func:`save_hub_layout`, :func:`save_v5_layout`, :func:`save_v452_layout`
-                            checkpoints in the three key-naming schemes (spec §3), and
+                            checkpoints in the three key-naming schemes (docs/spec.md §3), and
                             :func:`save_with_save_pretrained` (what ``save_pretrained`` writes)
 
 Shape letters: B batch, T sequence, N image tokens, S image side, Dv vision width,
@@ -187,7 +187,7 @@ def newline_id(spec: dict) -> int:
 
 
 def make_inputs(spec: dict, seed: int) -> dict[str, np.ndarray]:
-    """A two-row batch in the PaliGemma prompt layout (spec §5).
+    """A two-row batch in the PaliGemma prompt layout (docs/spec.md §5).
 
     Row 0: ``[img]*N + [bos] + 6 text ids + [newline]``.
     Row 1: ``[pad]*3 + [img]*N + [bos] + 3 text ids + [newline]`` (left padded, mask 0 on pads).
@@ -227,7 +227,7 @@ def make_inputs(spec: dict, seed: int) -> dict[str, np.ndarray]:
 
 
 def position_ids_from_mask(attention_mask) -> torch.Tensor:
-    """HF's 1-indexed PaliGemma positions: ``cumsum(mask)``, pads set to 1 (spec §7.3). [B,T] int64."""
+    """HF's 1-indexed PaliGemma positions: ``cumsum(mask)``, pads set to 1 (docs/spec.md §7.3). [B,T] int64."""
     mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
     pos = mask.cumsum(-1)
     return pos.masked_fill(mask == 0, 1)

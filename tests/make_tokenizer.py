@@ -6,7 +6,7 @@ r"""Train the tiny test tokenizer: a SentencePiece model with Gemma's / PaliGemm
 Needs only `sentencepiece`. The output is deterministic: the corpus is generated from a fixed
 seed and trained single-threaded, so rerunning gives a byte-identical `tokenizer.model`.
 
-Layout (compare the real PaliGemma vocabulary, spec §5.1 and ecosystem.md §2.2):
+Layout (compare the real PaliGemma vocabulary, docs/spec.md §5.1):
 
     id 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>     control pieces, as in Gemma
     "\n", "\n\n" (user-defined, like Gemma's newline pieces), 256 byte pieces <0x00>..<0xFF>,
@@ -121,7 +121,9 @@ def corpus_lines(n=3000, seed=0):
 # training and the piece reorder
 # ------------------------------------------------------------------------------------------
 def train_model_bytes():
-    """Train with ecosystem.md §2.2's Gemma-like recipe; returns the serialized model (bytes)."""
+    """Train with a Gemma-like recipe (BPE, byte fallback, identity normalizer, no dummy prefix,
+    split digits; the settings HF's converter honours, huggingface/transformers#30824); returns
+    the serialized model (bytes)."""
     model = io.BytesIO()
     with open(os.devnull, "w") as devnull:
         spm.SentencePieceTrainer.train(

@@ -9,7 +9,7 @@ Writes
                              `meta` (a JSON string: versions, seed, D, this command)
 
 The reference is a PyTorch `nn.Sequential` whose state_dict keys are exactly the official ones
-(spec §13.2; the ComfyUI PaliGemma port loads vae-oid.npz into such a Sequential): Conv2d,
+(docs/spec.md §13.2; the ComfyUI PaliGemma port loads vae-oid.npz into such a Sequential): Conv2d,
 ResBlock(net = Sequential(conv3x3, ReLU, conv3x3, ReLU, conv1x1)) + residual, ConvTranspose2d
 (4, stride 2, padding 1). Its forward is big_vision's `reconstruct_masks` in NCHW.
 

@@ -87,3 +87,35 @@ def test_stream_never_shows_a_stop_string(model):
     pieces = []
     out = model.generate(_image(10), "caption en", max_new_tokens=20, stop=stop, stream=pieces.append)
     assert "".join(pieces) == out.text == full.text[:full.text.find(stop)]
+
+
+def test_one_prompt_is_asked_of_every_image(model):
+    images = [_image(11), _image(12)]
+    together = model.generate(images, "caption en", max_new_tokens=8)
+    assert isinstance(together, list) and len(together) == 2
+    for img, got in zip(images, together):
+        assert got.tokens == model.generate(img, "caption en", max_new_tokens=8).tokens
+
+
+def test_sampled_rows_equal_single_runs(model):
+    """Each row samples from its own generator (same seed): what it samples alone."""
+    images, prompts = [_image(13), _image(14)], ["caption en", "answer en what is this?"]
+    kw = dict(max_new_tokens=10, temperature=1.3, top_k=20, seed=5)
+    batch = model.generate(images, prompts, **kw)
+    for img, prompt, got in zip(images, prompts, batch):
+        assert got.tokens == model.generate(img, prompt, **kw).tokens
+
+
+def test_prefill_takes_the_processor_dict(model):
+    inputs = model.processor([_image(15)], ["caption en"])
+    from_dict = model.prefill(inputs)
+    one_by_one = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    np.testing.assert_array_equal(npvlm.backend.to_host(from_dict), npvlm.backend.to_host(one_by_one))
+
+
+def test_bad_token_ids_are_refused_on_the_host(model):
+    inputs = model.processor([_image(16)], ["caption en"])
+    ids = inputs["input_ids"].copy()
+    ids[0, -1] = model.cfg.text.vocab_size + 5
+    with pytest.raises(InputError, match="token ids must lie in"):
+        model.prefill(ids, inputs["attention_mask"], inputs["pixel_values"])

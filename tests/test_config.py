@@ -8,7 +8,7 @@ import pytest
 from npvlm.config import config_from_dict, load_config
 from npvlm.errors import ConfigError
 
-# google/paligemma-3b-pt-224 config.json as written by the converter (spec §2.1)
+# google/paligemma-3b-pt-224 config.json as written by the converter (docs/spec.md §2.1)
 PG1_224 = {
     "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
     "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "ignore_index": -100,

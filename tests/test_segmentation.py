@@ -273,7 +273,7 @@ def test_empty_batch(vae):
 # --- pasting -----------------------------------------------------------------------------------
 
 def _demo_paste(mask64, box, width, height):
-    """The public PaliGemma demo's pasting, transcribed (spec §13.2)."""
+    """The public PaliGemma demo's pasting, transcribed (docs/spec.md §13.2)."""
     y1, x1, y2, x2 = map(round, box)
     m64 = np.clip(mask64 * 0.5 + 0.5, 0, 1)
     m64 = Image.fromarray((m64 * 255).astype("uint8"))

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
-    # PaliGemma 1 3B-224: SigLIP So400m/14 + Gemma 2B (spec §2.1)
+    # PaliGemma 1 3B-224: SigLIP So400m/14 + Gemma 2B (docs/spec.md §2.1)
     "3b": {"name": "pg1-3b-224", "image_size": 224, "patch_size": 14,
            "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
            "text": dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,

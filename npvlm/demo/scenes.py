@@ -17,7 +17,7 @@ PaliGemma's prompt style:
 - `answer en how many shapes are there?` -> `2`;
 - `detect circle` / `detect square ; triangle` -> `<locY1><locX1><locY2><locX2> circle ; ...`
   for every object of the named shapes, left to right. Box corners are encoded as bins
-  round(v / side * 1023) as big_vision does (spec §13.1), y before x.
+  round(v / side * 1023) as big_vision does (docs/spec.md §13.1), y before x.
 """
 
 from dataclasses import dataclass
