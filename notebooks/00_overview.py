@@ -27,21 +27,24 @@
 #
 # with $E$ the token embedding table (shared with the output layer) and $D$ the decoder width.
 #
+# Shapes use the axis legend of `npvlm/layers.py`: B batch, T tokens, R image side in pixels,
+# N image tokens, D width, V vocabulary.
+#
 # | stage | npvlm | notebook |
 # |---|---|---|
-# | file → RGB image → `pixel_values [B, 3, S, S]` | `npvlm.image` | 01 |
+# | file → RGB image → `pixel_values [B, 3, R, R]` | `npvlm.image` | 01 |
 # | patches → `[B, N, D_v]` | `siglip.patch_embed` | 02 |
 # | SigLIP encoder layers | `siglip.encoder_layer` | 03 |
 # | projector, merge with the text embeddings | `paligemma.encode_images`, `merge_embeddings` | 04 |
 # | Gemma layers | `gemma.gemma_block` | 05 |
-# | prefix-LM mask, prefill, KV cache, decode | `attention.prefix_lm_mask`, `paligemma.prefill`, `decode_step` | 06 |
+# | prefix-LM mask, prefill, KV cache, decode | `masks.prefix_lm_mask`, `paligemma.prefill`, `decode_step` | 06 |
 # | choosing the next token | `sampling.choose` | 07 |
 # | `<loc>`/`<seg>` tokens → boxes and masks | `detection`, `segmentation`, `draw` | 08 |
 # | PaliGemma 2 | `gemma.gemma2_block` | 09 |
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model, trained on the synthetic shape scenes of npvlm.scenes). Set MODEL to a real
+# (npvlm/demo/model, trained on the synthetic shape scenes of npvlm.demo.scenes). Set MODEL to a real
 # checkpoint folder instead, e.g. a downloaded google/paligemma-3b-mix-224 (docs/checkpoints.md),
 # and the notebook runs unchanged on it: every size below is read from model.cfg. (A 3B model in
 # fp32 needs ~12 GB of memory and runs much slower on a CPU.)
@@ -54,7 +57,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.trace import compare, compare_stages
+from npvlm.trace import compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
@@ -72,14 +75,14 @@ print(f"Gemma:  {t.num_hidden_layers} layers x width D = {t.hidden_size}, {t.num
 # %% [markdown]
 # ## 1. The file
 #
-# `npvlm/samples/scene.png` is a scene of the demo world (`npvlm.scenes.make_scene(22)`): 1–3
+# `npvlm/demo/samples/scene.png` is a scene of the demo world (`npvlm.demo.scenes.make_scene(22)`): 1–3
 # colored shapes on a light background. `load_image` reads any file Pillow reads (or a PIL image,
 # or an array) into an upright RGB image.
 
 # %%
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo.scenes import make_scene, tasks
 from npvlm.image import load_image
-from npvlm.model import SAMPLE_SCENE
-from npvlm.scenes import make_scene, tasks
 
 image = load_image(SAMPLE_SCENE)
 print(f"{SAMPLE_SCENE.name}: {image.size[0]}x{image.size[1]} {image.mode}")
@@ -96,7 +99,7 @@ plt.show()
 # %% [markdown]
 # ## 2. Preprocessing and the prompt
 #
-# The processor resizes the image to `S x S` and maps it to `[-1, 1]` (notebook 01), and builds
+# The processor resizes the image to `R x R` and maps it to `[-1, 1]` (notebook 01), and builds
 # the token sequence `<image> x N, <bos>, prompt, "\n"`. The `<image>` ids are placeholders: the
 # image tokens will be written over them (notebook 04).
 
@@ -126,7 +129,7 @@ print(f"\ninput_ids: {N} x <image>, then {[piece(i) for i in ids[N:]]}")
 # ## 3. Image tokens: SigLIP + projector
 #
 # `encode_images` runs the vision tower on the pixels and projects every patch feature to the
-# decoder width: `[B, 3, S, S] -> [B, N, D]`.
+# decoder width: `[B, 3, R, R] -> [B, N, D]`.
 
 # %%
 t0 = time.perf_counter()
@@ -222,9 +225,12 @@ for prompt in prompts:
 
 found = out.detections()
 print(f"\n{len(found.objects)} box(es), {len(found.problems)} malformed record(s)")
-fig, ax = plt.subplots(figsize=(5, 5))
-ax.imshow(draw_objects(image, found.objects))
-ax.set_title(prompts[-1])
+drawn = draw_objects(image, found.objects)       # a PIL image, upscaled so the labels are readable
+w, h = drawn.size
+fig = plt.figure(figsize=(w / 72, h / 72 + 0.4))  # one figure pixel per image pixel: no resampling blurs the labels
+ax = fig.add_axes((0, 0, 1, h / (h + 0.4 * 72)))
+ax.imshow(drawn)
+ax.set_title(f"{prompts[-1]!r} ({w}x{h} px)")
 ax.axis("off")
 plt.show()
 
@@ -232,23 +238,40 @@ plt.show()
 # ## Check: the same pipeline against Hugging Face
 #
 # `tests/goldens/` holds tiny random-weight PaliGemma checkpoints with every intermediate
-# tensor and the greedy tokens that HF transformers computed for them (`tools/make_goldens.py`).
+# tensor and the greedy tokens that HF transformers computed for them (`tests/make_goldens.py`).
 # Run the pipeline above on one of them and compare every stage with `npvlm.trace.compare_stages`,
-# the helper the tests use. Text stages are compared on real tokens only (left padding is
-# masked garbage).
+# the helper the tests use, over the stage list `npvlm.trace.stage_names` (the same list the tests
+# and goldens use). Text stages are compared on real tokens only (left padding is masked
+# garbage). The goldens are committed files: this check needs neither torch nor transformers.
 
 # %%
 from npvlm.generate import greedy_ids
+from npvlm.trace import stage_names
 
 golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
 gmodel = npvlm.load(GOLDENS / "pg1_mqa_hub" / "model")
 trace = {}
-gmodel.prefill(golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
-               golden["token_type_ids"], logits_for="all", trace=trace)
+inputs_of = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")      # the processor's keys
+gmodel.prefill({k: golden[k] for k in inputs_of}, logits_for="all", trace=trace)
 real = golden["attention_mask"].astype(bool)
-results = compare_stages(trace, golden, [n for n in trace if n in golden],
+names = stage_names(gmodel.cfg.vision.num_hidden_layers, gmodel.cfg.text.num_hidden_layers)
+results = compare_stages(trace, golden, names,
                          where=lambda n: real if n.startswith(("text.", "logits")) else None)
 tokens = greedy_ids(gmodel, golden["input_ids"], golden["attention_mask"], golden["pixel_values"],
                     max_new_tokens=golden["greedy_tokens"].shape[1])
 print("greedy tokens equal HF's:", np.array_equal(tokens, golden["greedy_tokens"]))
 assert all(r.ok for r in results) and np.array_equal(tokens, golden["greedy_tokens"])
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In the cell of section 4, set `MAX_NEW = 3` and rerun it and the decode cell. Predict how
+#    many tokens the answer has, its `finish_reason` in the `model.generate` cell, and whether
+#    `assert out.tokens == new_ids` still holds. The printed token list and `(finish: ...)` show it.
+# 2. Change `PROMPT` in section 2 to `"answer en how many shapes are there?"` and rerun down to
+#    the timings. Predict which bar grows and which shrinks compared with the caption (prompt
+#    length feeds prefill, answer length feeds decode); the bar chart and the printed ms show it.
+# 3. In the last section, replace `"detect circle"` with `"detect circle ; square"` (two classes
+#    in one prompt). Predict how many boxes come back, their labels and colors, and how many
+#    tokens the answer takes (four `<loc>` tokens and a label per object, `;` between records);
+#    the printed line, the `box(es)` count and the drawn figure show it.

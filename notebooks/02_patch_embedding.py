@@ -12,7 +12,7 @@
 # # 02 · Patch embedding: the convolution as reshape + matmul
 #
 # **Goal.** Cut the image into a grid of `P x P` patches and map each patch to one vector of the
-# SigLIP width $D_v$, plus a learned position embedding. These $N = (S/P)^2$ vectors are the
+# SigLIP width $D_v$, plus a learned position embedding. These $N = (R/P)^2$ vectors are the
 # image's tokens from here on.
 #
 # SigLIP writes this as a `Conv2d(3, D_v, kernel=P, stride=P)`. Because the stride equals the
@@ -21,15 +21,15 @@
 #
 # $$
 # e_n = W\,\operatorname{vec}(x_{[:,\,P g_y : P g_y + P,\; P g_x : P g_x + P]}) + b + \text{pos}_n,
-# \qquad n = g_y \cdot (S/P) + g_x,\quad W \in \mathbb{R}^{D_v \times 3P^2}.
+# \qquad n = g_y \cdot (R/P) + g_x,\quad W \in \mathbb{R}^{D_v \times 3P^2}.
 # $$
 #
 # Code: `npvlm/siglip.py` (`patchify`, `patch_embed`). Shapes:
-# `[B, C, S, S] -> [B, C, g, P, g, P] -> [B, g, g, C, P, P] -> [B, N, C·P·P] -> [B, N, D_v]`.
+# `[B, C, R, R] -> [B, C, g, P, g, P] -> [B, g, g, C, P, P] -> [B, N, C·P·P] -> [B, N, D_v]`.
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -39,8 +39,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
+from npvlm.demo import SAMPLE_SCENE
 from npvlm.image import preprocess
-from npvlm.model import SAMPLE_SCENE
 from npvlm.siglip import patch_embed, patchify
 from npvlm.trace import compare, compare_stages
 
@@ -49,12 +49,12 @@ GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # 
 
 model = npvlm.load(MODEL)
 vcfg = model.cfg.vision
-S, P, g, N = vcfg.image_size, vcfg.patch_size, vcfg.grid_size, vcfg.num_patches
+R, P, g, N = vcfg.image_size, vcfg.patch_size, vcfg.grid_size, vcfg.num_patches
 Dv = vcfg.hidden_size
 print(model)
-print(f"S = {S}, P = {P}: a {g} x {g} grid, N = {N} patches of C·P·P = {3 * P * P} values, width D_v = {Dv}")
+print(f"R = {R}, P = {P}: a {g} x {g} grid, N = {N} patches of C·P·P = {3 * P * P} values, width D_v = {Dv}")
 
-pixel_values = preprocess(SAMPLE_SCENE, S)[None]           # [1, 3, S, S] (notebook 01)
+pixel_values = preprocess(SAMPLE_SCENE, R)[None]           # [1, 3, R, R] (notebook 01)
 print(f"pixel_values {list(pixel_values.shape)}")
 
 # %% [markdown]
@@ -66,7 +66,7 @@ print(f"pixel_values {list(pixel_values.shape)}")
 # %%
 shown = (pixel_values[0].transpose(1, 2, 0) + 1) / 2          # back to [0, 1] for display
 fig, ax = plt.subplots(figsize=(4, 4))
-ax.imshow(shown, extent=(0, S, S, 0))
+ax.imshow(shown, extent=(0, R, R, 0))
 for k in range(g + 1):
     ax.axhline(k * P, color="white", lw=0.8)
     ax.axvline(k * P, color="white", lw=0.8)
@@ -173,8 +173,9 @@ print(compare("patch_embed == matmul + pos", embedded[0], matmul + pos))
 # ## Check against Hugging Face
 #
 # `tests/goldens/pg1_gqa_v5` is a tiny random PaliGemma (image 56 px, patch 14: a 4 x 4 grid)
-# with the tensors HF transformers computed for it. Run its `pixel_values` through `patch_embed`
-# and through the literal convolution, and compare both with HF's `vision.embed`.
+# with the tensors HF transformers computed for it (`tests/make_goldens.py`; committed, so no
+# torch is needed here). Run its `pixel_values` through `patch_embed` and through the literal
+# convolution, and compare both with HF's `vision.embed`.
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_gqa_v5" / "goldens.npz"))
@@ -191,3 +192,18 @@ literal = conv.reshape(conv.shape[0], g_ * g_, -1) + gp["position_embedding"]
 results.append(compare("literal convolution", literal, golden["vision.embed"]))
 print(results[-1])
 assert all(r.ok for r in results)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 2, set `n = 0` (the top-left patch) and rerun it. Predict the printed grid cell
+#    (row, col) and whether the patch still equals its crop; then try `n = g` (the first patch of
+#    the second grid row).
+# 2. In section 4, flatten the patches in the wrong order: replace `patches[0] @ W.T + b` with
+#    `patches[0].reshape(N, 3, P, P).transpose(0, 2, 3, 1).reshape(N, -1) @ W.T + b`
+#    (`(P, P, C)` instead of `(C, P, P)`). Predict whether `conv == patches @ W.T` still passes;
+#    the printed line shows it.
+# 3. In section 5, replace `pos` by a shuffled copy, `pos = pos[np.random.default_rng(0).permutation(N)]`,
+#    right after it is read. Predict the shape of the mean-similarity-by-distance curve (does it
+#    still fall with distance?); rerun the cell to see. (The last check line then fails too:
+#    the model's own table is no longer the one added.)

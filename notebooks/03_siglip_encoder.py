@@ -21,18 +21,19 @@
 # h \leftarrow h + \operatorname{MLP}(\operatorname{LN}_2(h)) \\
 # \operatorname{LN}(x) &= \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \odot \gamma + \beta
 #   \quad(\mu, \sigma^2 \text{ over the } D_v \text{ features of one token, biased variance}) \\
-# \operatorname{Attn}(x) &= \big[\operatorname{softmax}\!\big(Q_h K_h^{\top} / \sqrt{E}\big) V_h\big]_{h=1..H} W_o^{\top} + b_o,
-#   \quad Q_h, K_h, V_h = x W_{q,k,v}^{\top} + b \text{ split into } H \text{ heads of } E = D_v / H \\
+# \operatorname{Attn}(x) &= \big[\operatorname{softmax}\!\big(Q_h K_h^{\top} / \sqrt{E}\big) V_h\big]_{h=1..H_q} W_o^{\top} + b_o,
+#   \quad Q_h, K_h, V_h = x W_{q,k,v}^{\top} + b \text{ split into } H_q \text{ heads of } E = D_v / H_q \\
 # \operatorname{MLP}(x) &= \operatorname{gelu}_{\tanh}(x W_1^{\top} + b_1)\, W_2^{\top} + b_2
 # \end{aligned}
 # $$
 #
-# Attention has no mask: every patch sees every patch. After the last layer, one more LayerNorm
+# Attention has no mask: every patch sees every patch. SigLIP's attention is plain multi-head:
+# every query head has its own key/value head ($H_q = H_k$). After the last layer, one more LayerNorm
 # (`post_layernorm`). Code: `npvlm/siglip.py`, `npvlm/layers.py`, `npvlm/attention.py`.
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -43,25 +44,25 @@ import numpy as np
 
 import npvlm
 from npvlm.attention import attention
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo.scenes import make_scene
 from npvlm.image import preprocess
 from npvlm.layers import gelu_tanh, layer_norm, linear, softmax
-from npvlm.model import SAMPLE_SCENE
-from npvlm.scenes import make_scene
-from npvlm.siglip import encoder_layer, mlp, patch_embed, self_attention, vision_tower
-from npvlm.trace import compare, compare_stages
+from npvlm.siglip import encoder_layer, mlp, patch_embed, self_attention, split_heads, vision_tower
+from npvlm.trace import compare, compare_stages, vision_stage_names
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 vcfg = model.cfg.vision
-S, P, g, N = vcfg.image_size, vcfg.patch_size, vcfg.grid_size, vcfg.num_patches
-Dv, H, E, L = vcfg.hidden_size, vcfg.num_attention_heads, vcfg.head_dim, vcfg.num_hidden_layers
+R, P, g, N = vcfg.image_size, vcfg.patch_size, vcfg.grid_size, vcfg.num_patches
+Dv, Hq, E, L = vcfg.hidden_size, vcfg.num_attention_heads, vcfg.head_dim, vcfg.num_hidden_layers
 print(model)
-print(f"SigLIP: {L} layers, width D_v = {Dv}, {H} heads of E = {E}, MLP width {vcfg.intermediate_size}, "
+print(f"SigLIP: {L} layers, width D_v = {Dv}, Hq = {Hq} heads of E = {E}, MLP width {vcfg.intermediate_size}, "
       f"LayerNorm eps {vcfg.layer_norm_eps}")
 
-pixel_values = preprocess(SAMPLE_SCENE, S)[None]                       # [1, 3, S, S] (notebook 01)
+pixel_values = preprocess(SAMPLE_SCENE, R)[None]                       # [1, 3, R, R] (notebook 01)
 h0 = patch_embed(pixel_values, model.params["vision"], vcfg)           # [1, N, D_v]  (notebook 02)
 layer = model.params["vision"]["layers"][0]
 print(f"input to layer 0: {list(h0.shape)}; layer parameters: {list(layer)}")
@@ -85,32 +86,32 @@ print(compare("LN = plain * gamma + beta", x, plain * ln1["weight"] + ln1["bias"
 # %% [markdown]
 # ## 2. Multi-head attention
 #
-# Project to queries, keys and values, split the width into $H$ heads (an array axis, never a
-# Python loop), and let every patch attend to every patch. To look at the attention weights,
-# compute them here from the same parameters; `siglip.self_attention` does the same without
-# keeping them.
+# Project to queries, keys and values, split the width into $H_q$ heads (an array axis, never a
+# Python loop, `siglip.split_heads`), and let every patch attend to every patch. The attention
+# weights are computed here by hand from the same parameters; `npvlm.attention.attention` keeps
+# its own when given a dict `save` (it stores q, k, v and `probs` there), which is how a trace
+# records them.
 
 # %%
-def heads(y):                                                  # [B, N, H*E] -> [B, H, N, E]
-    return y.reshape(1, N, H, E).transpose(0, 2, 1, 3)
-
-
 def attention_probs(x, p):
-    """The attention weights of one SigLIP layer. x: [B, N, D_v] -> [B, H, N, N]"""
-    q, k = heads(linear(x, **p["q_proj"])), heads(linear(x, **p["k_proj"]))
+    """The attention weights of one SigLIP layer, by hand. x: [B, N, D_v] -> [B, Hq, N, N]"""
+    q, k = split_heads(linear(x, **p["q_proj"]), Hq), split_heads(linear(x, **p["k_proj"]), Hq)
     return softmax(q @ k.swapaxes(-1, -2) * E ** -0.5, axis=-1)
 
 
 sa = layer["self_attn"]
-q, k, v = (heads(linear(x, **sa[name])) for name in ("q_proj", "k_proj", "v_proj"))
-print(f"q, k, v: {list(q.shape)} (B, H, N, E)")
+q, k, v = (split_heads(linear(x, **sa[name]), Hq) for name in ("q_proj", "k_proj", "v_proj"))
+print(f"q, k, v: {list(q.shape)} (B, Hq, N, E)")
 probs = attention_probs(x, sa)
-print(f"attention weights: {list(probs.shape)} (B, H, query N, key N); rows sum to 1: "
+print(f"attention weights: {list(probs.shape)} (B, Hq, query N, key N); rows sum to 1: "
       f"{np.allclose(probs.sum(-1), 1, atol=1e-5)}")
-merged = (probs @ v).transpose(0, 2, 1, 3).reshape(1, N, H * E)               # [B, N, D_v]
+merged = (probs @ v).transpose(0, 2, 1, 3).reshape(1, N, Hq * E)              # [B, N, D_v]
 out = linear(merged, **sa["out_proj"])
 print(compare("softmax(QK^T/sqrt(E))V, out_proj", out, self_attention(x, sa, vcfg)))
-print(compare("npvlm.attention.attention", merged, attention(q, k, v, None, E ** -0.5)))
+saved = {}                                  # attention reads the scale (and cap) from the config
+print(f"vcfg.attn_scale = {vcfg.attn_scale:.4f} = E**-0.5, vcfg.attn_logit_softcapping = {vcfg.attn_logit_softcapping}")
+print(compare("npvlm.attention.attention", merged, attention(q, k, v, None, vcfg, save=saved)))
+print(compare("its saved probs", probs, saved["probs"]))
 
 # %% [markdown]
 # ### Where a patch looks
@@ -128,25 +129,25 @@ for p in model.params["vision"]["layers"][:-1]:                   # run up to th
 last = model.params["vision"]["layers"][-1]
 probs_last = attention_probs(layer_norm(h, **last["layer_norm1"], eps=vcfg.layer_norm_eps), last["self_attn"])
 traced = {}                                                       # a trace records them for every layer
-vision_tower(pixel_values, model.params["vision"], vcfg, traced)
+vision_tower(pixel_values, model.params["vision"], vcfg, trace=traced)
 print(compare(f"by hand == traced vision.attn.{L - 1:02d}", probs_last, traced[f"vision.attn.{L - 1:02d}"]))
 
 scene = make_scene(22)                                            # the sample scene's ground truth
 circle = next(o for o in scene.objects if o.shape == "circle")
 cy, cx = ((circle.box[0] + circle.box[2]) / 2, (circle.box[1] + circle.box[3]) / 2)
-query = int(cy * S / scene.size // P) * g + int(cx * S / scene.size // P)
+query = int(cy * R / scene.size // P) * g + int(cx * R / scene.size // P)
 print(f"query: patch {query} (the circle's center); layer {L - 1}")
 
 shown = (pixel_values[0].transpose(1, 2, 0) + 1) / 2
-cols = min(H, 8)
-rows = -(-H // cols)
+cols = min(Hq, 8)
+rows = -(-Hq // cols)
 fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
 for hh, ax in enumerate(axes.flat):
     ax.axis("off")
-    if hh >= H:
+    if hh >= Hq:
         continue
-    ax.imshow(shown, extent=(0, S, S, 0))
-    ax.imshow(probs_last[0, hh, query].reshape(g, g), extent=(0, S, S, 0), cmap="magma", alpha=0.7)
+    ax.imshow(shown, extent=(0, R, R, 0))
+    ax.imshow(probs_last[0, hh, query].reshape(g, g), extent=(0, R, R, 0), cmap="magma", alpha=0.7)
     qy, qx = divmod(query, g)
     ax.plot(qx * P + P / 2, qy * P + P / 2, "c+", ms=8)
     ax.set_title(f"head {hh}", fontsize=9)
@@ -191,8 +192,8 @@ h2 = h1 + mlp(layer_norm(h1, **ln2, eps=vcfg.layer_norm_eps), layer["mlp"])
 print(compare("h + attn + mlp == encoder_layer", h2, encoder_layer(h0, layer, vcfg)))
 
 trace = {}
-features = vision_tower(pixel_values, model.params["vision"], vcfg, trace)
-stages = [name for name in trace if ".attn." not in name]          # the residual stream
+features = vision_tower(pixel_values, model.params["vision"], vcfg, trace=trace)
+stages = vision_stage_names(L)                                         # the residual stream
 print(f"vision_tower: {list(pixel_values.shape)} -> {list(features.shape)}; stages: {stages} "
       f"(+ {len(trace) - len(stages)} attention maps)")
 rms = [np.sqrt((trace[name] ** 2).mean()) for name in stages]
@@ -206,7 +207,8 @@ plt.show()
 # ## Check against Hugging Face
 #
 # Start from HF's `vision.embed` of the golden model `pg1_gqa_v5` (3 layers, 4 heads), apply
-# `encoder_layer` layer by layer and the post-LayerNorm, and compare every stage with HF's.
+# `encoder_layer` layer by layer and the post-LayerNorm, and compare every stage with HF's
+# (the committed tensors of `tests/goldens/`: no torch needed).
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_gqa_v5" / "goldens.npz"))
@@ -218,3 +220,17 @@ for i, p in enumerate(gp["layers"]):
 ours["vision.post_norm"] = layer_norm(h, **gp["post_layernorm"], eps=gv.layer_norm_eps)
 results = compare_stages(ours, golden, list(ours))
 assert all(r.ok for r in results)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In `attention_probs` (section 2), drop the scale: use `q @ k.swapaxes(-1, -2)` without
+#    `* E ** -0.5`. Predict whether each row still sums to 1, whether the weights get sharper or
+#    flatter, and which check lines fail; the printed lines of section 2 (and the
+#    `by hand == traced` line below it) show it.
+# 2. In the "Where a patch looks" cell, change `circle` to the square
+#    (`o.shape == "square"`). Predict which patch number becomes the query and whether the
+#    heads that stayed on the circle now stay on the square; the figure shows it.
+# 3. In section 1, compute `plain` with `eps=1.0` instead of `vcfg.layer_norm_eps`. Predict the
+#    printed std range of the normalised tokens (still 1, or below 1?) given the per-token std
+#    printed just above it; rerun the cell to see.

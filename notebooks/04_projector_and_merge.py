@@ -28,7 +28,7 @@
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -38,10 +38,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
+from npvlm.demo import SAMPLE_SCENE
 from npvlm.errors import InputError
 from npvlm.gemma import embed_tokens
 from npvlm.layers import linear
-from npvlm.model import SAMPLE_SCENE
 from npvlm.paligemma import encode_images, merge_embeddings
 from npvlm.siglip import vision_tower
 from npvlm.trace import compare, compare_stages
@@ -71,7 +71,7 @@ W = model.params["projector"]["weight"]
 print(f"features {list(features.shape)} @ W.T {list(W.T.shape)} + b {list(model.params['projector']['bias'].shape)}")
 image_tokens = linear(features, **model.params["projector"])                          # [B, N, D]
 print(f"image_tokens {list(image_tokens.shape)}")
-print(compare("linear == encode_images", image_tokens, encode_images(model.params, cfg, inputs["pixel_values"])))
+print(compare("linear == encode_images", image_tokens, encode_images(inputs["pixel_values"], model.params, cfg)))
 
 # %% [markdown]
 # ## 2. Text embeddings and the sqrt(D) scale
@@ -82,11 +82,12 @@ print(compare("linear == encode_images", image_tokens, encode_images(model.param
 # The constant is rounded to float32 *before* the multiply, as HF does.
 
 # %%
-table = model.params["text"]["embed_tokens"]["weight"]                                 # [V, D]
+embed = model.params["text"]["embed_tokens"]                  # {"weight": [V, D]}: embed_tokens, merge_embeddings and lm_head take it
+table = embed["weight"]                                                                # [V, D]
 scale32 = np.float32(cfg.text.embed_scale)
 print(f"embed_tokens {list(table.shape)}; sqrt({D}) = {cfg.text.embed_scale!r} -> float32 {scale32!r}")
 text_ids = ids[:, N:]                                                                  # after the <image> run
-text_h = embed_tokens(text_ids, table, cfg.text)                                       # [B, T-N, D]
+text_h = embed_tokens(text_ids, embed, cfg.text)                                       # [B, T-N, D]
 print(f"text ids {list(text_ids.shape)} -> {list(text_h.shape)}")
 print(compare("table[ids] * float32(sqrt(D))", text_h, table[text_ids] * scale32))
 
@@ -97,7 +98,7 @@ print(compare("table[ids] * float32(sqrt(D))", text_h, table[text_ids] * scale32
 # tokens, in order, over the `<image>` positions: image `b` fills row `b`'s `<image>` run.
 
 # %%
-h = merge_embeddings(model.params, cfg, ids, image_tokens)                             # [B, T, D]
+h = merge_embeddings(ids, image_tokens, embed, cfg)                                    # [B, T, D]
 is_image = ids == cfg.image_token_index
 print(f"merged h {list(h.shape)}: {int(is_image.sum())} image positions, {int((~is_image).sum())} text positions")
 print(compare("image positions hold the image tokens", h[is_image], image_tokens.reshape(-1, D)))
@@ -137,7 +138,7 @@ ax.imshow(kind, cmap=plt.matplotlib.colors.ListedColormap(["lightgray", "tab:ora
 ax.set_yticks([0, 1], ["row 0", "row 1"])
 ax.set_xlabel("position: gray = padding, orange = <image>, blue = text")
 plt.show()
-bh = merge_embeddings(model.params, cfg, bids, encode_images(model.params, cfg, batch["pixel_values"]))
+bh = merge_embeddings(bids, encode_images(batch["pixel_values"], model.params, cfg), embed, cfg)
 print(f"batch input_ids {list(bids.shape)} -> merged {list(bh.shape)}")
 
 # %% [markdown]
@@ -145,7 +146,7 @@ print(f"batch input_ids {list(bids.shape)} -> merged {list(bh.shape)}")
 
 # %%
 try:
-    merge_embeddings(model.params, cfg, ids[:, 1:], image_tokens)          # one <image> id short
+    merge_embeddings(ids[:, 1:], image_tokens, embed, cfg)                 # one <image> id short
 except InputError as e:
     print("InputError:", e)
 
@@ -154,14 +155,29 @@ except InputError as e:
 #
 # On the golden model `pg1_mqa_hub` (a left-padded batch of two), run the projector on HF's
 # SigLIP output and merge with the golden `input_ids`; compare with HF's `projector` and
-# `text.embed` (on real tokens: the pad rows are never used).
+# `text.embed` (on real tokens: the pad rows are never used). The goldens are committed tensors:
+# no torch needed.
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
 gm = npvlm.load(GOLDENS / "pg1_mqa_hub" / "model")
 ours = {"projector": linear(golden["vision.post_norm"], **gm.params["projector"])}
-ours["text.embed"] = merge_embeddings(gm.params, gm.cfg, golden["input_ids"], ours["projector"])
+ours["text.embed"] = merge_embeddings(golden["input_ids"], ours["projector"], gm.params["text"]["embed_tokens"], gm.cfg)
 real = golden["attention_mask"].astype(bool)
 results = compare_stages(ours, golden, ["projector", "text.embed"],
                          where=lambda name: real if name == "text.embed" else None)
 assert all(r.ok for r in results)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 2, drop the scale: compare `text_h` with `table[text_ids]` instead of
+#    `table[text_ids] * scale32`. Predict the printed `max rel` (the ratio is √D for every
+#    entry) and whether the line passes; rerun the cell to see.
+# 2. In section 4, ask a third, longer prompt: add `SAMPLE_SCENE` and
+#    `"answer en what color is the triangle?"` to the two lists. Predict which rows get gray
+#    padding and how many columns each one loses to it; the batch figure and the printed shape
+#    show it.
+# 3. In the merge check cell, pass `image_tokens[:, :-1]` (one image token short) instead of
+#    `ids[:, 1:]`. Predict whether the error message now counts fewer `<image>` ids or fewer
+#    image features; the printed `InputError` shows it.

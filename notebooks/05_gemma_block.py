@@ -32,11 +32,13 @@
 #   head $j$ reads K/V head $j // G$, $G = H_q / H_k$.
 # - **GeGLU**: a gated MLP, one branch through GELU multiplies the other.
 #
-# No linear layer has a bias. Code: `npvlm/gemma.py`, `npvlm/attention.py`, `npvlm/layers.py`.
+# No linear layer has a bias. Code: `npvlm/gemma.py`, `npvlm/rope.py`, `npvlm/attention.py`,
+# `npvlm/masks.py`, `npvlm/layers.py`. Shapes: B batch, T tokens, S keys, D width, F MLP width,
+# Hq/Hk query/key-value heads, E head dim, V vocab (the legend of `npvlm/layers.py`).
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -46,13 +48,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.attention import apply_rope, attention, prefix_lm_mask, rope_tables
-from npvlm.paligemma import prefill_masks, prompt_positions
-from npvlm.gemma import gemma_block, geglu, lm_head, self_attention
+from npvlm.attention import attention
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.gemma import geglu, gemma_block, lm_head, self_attention
 from npvlm.layers import gelu_tanh, linear, rms_norm, softmax
-from npvlm.model import SAMPLE_SCENE
-from npvlm.paligemma import encode_images, merge_embeddings
-from npvlm.trace import compare, compare_stages
+from npvlm.masks import prefill_masks, prefix_lm_mask
+from npvlm.paligemma import encode_images, final_norm, merge_embeddings
+from npvlm.rope import apply_rope, prompt_positions, rope_tables
+from npvlm.siglip import split_heads
+from npvlm.trace import compare, compare_stages, text_stage_names
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
@@ -67,7 +71,7 @@ print(f"Gemma: {tc.num_hidden_layers} layers, D = {D}, MLP F = {tc.intermediate_
 
 inputs = model.processor([SAMPLE_SCENE], ["answer en what color is the circle?"])
 ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-h = merge_embeddings(model.params, cfg, ids, encode_images(model.params, cfg, inputs["pixel_values"]))
+h = merge_embeddings(ids, encode_images(inputs["pixel_values"], model.params, cfg), model.params["text"]["embed_tokens"], cfg)
 B, T, _ = h.shape
 layer = model.params["text"]["layers"][0]
 print(f"h {list(h.shape)} (B, T, D); layer 0 holds {list(layer)}")
@@ -91,12 +95,16 @@ print(compare("x / rms(x) * (1 + w)", x, h / np.sqrt((h ** 2).mean(-1, keepdims=
 # ## 2. RoPE: positions as rotations
 #
 # Positions are `cumsum(attention_mask)`: 1 for the first real token (HF PaliGemma counts from 1),
-# so left padding does not shift them. `rope_tables` makes the cos/sin tables `[B, 1, T, E]`:
-# angle $= p\cdot\theta^{-2i/E}$ for frequency $i < E/2$, used twice (once per half).
+# so left padding does not shift them (`rope.prompt_positions`). `rope_tables` makes the tables
+# `rope = (cos, sin)`, each `[B, 1, T, E]`: angle $= p\cdot\theta^{-2i/E}$ for frequency
+# $i < E/2$, used twice (once per half). Every function that rotates takes the pair as one
+# argument, `rope`.
 
 # %%
 positions = np.where(attention_mask > 0, np.cumsum(attention_mask, axis=1), 1)     # [B, T], 1-indexed
-cos, sin = rope_tables(positions, E, tc.rope_theta)                                # [B, 1, T, E]
+assert np.array_equal(positions, prompt_positions(attention_mask))
+rope = rope_tables(positions, E, tc.rope_theta)                                    # (cos, sin)
+cos, sin = rope                                                                    # each [B, 1, T, E]
 print(f"positions {positions[0, :3].tolist()} ... {positions[0, -3:].tolist()}; cos, sin {list(cos.shape)}")
 
 fig, ax = plt.subplots(figsize=(8, 2.6))
@@ -115,7 +123,7 @@ plt.show()
 # %%
 unit = np.zeros((B, 1, T, E), np.float32)
 unit[..., :E // 2] = 1.0                                      # (x_i, x_{i+E/2}) = (1, 0) for every i
-rotated = apply_rope(unit, cos, sin)[0, 0]                    # [T, E]
+rotated = apply_rope(unit, rope)[0, 0]                        # [T, E]
 pairs = [0, 1, E // 8, E // 2 - 1]
 fig, axes = plt.subplots(1, len(pairs), figsize=(11, 3.2))
 for ax, i in zip(axes, pairs):
@@ -139,9 +147,9 @@ q_all = linear(x, layer["self_attn"]["q_proj"]["weight"]).reshape(B, T, Hq, E)
 k_all = linear(x, layer["self_attn"]["k_proj"]["weight"]).reshape(B, T, Hk, E)
 M = 32
 pos_m = np.arange(1, M + 1)[None]                                            # [1, M]
-cm, sm = rope_tables(pos_m, E, tc.rope_theta)
-qm = apply_rope(np.broadcast_to(q_all[0, -1, 0], (1, 1, M, E)), cm, sm)[0, 0]   # the last token's query, at 1..M
-kn = apply_rope(np.broadcast_to(k_all[0, cfg.num_image_tokens, 0], (1, 1, M, E)), cm, sm)[0, 0]  # <bos> key
+rope_m = rope_tables(pos_m, E, tc.rope_theta)
+qm = apply_rope(np.broadcast_to(q_all[0, -1, 0], (1, 1, M, E)), rope_m)[0, 0]   # the last token's query, at 1..M
+kn = apply_rope(np.broadcast_to(k_all[0, cfg.num_image_tokens, 0], (1, 1, M, E)), rope_m)[0, 0]  # <bos> key
 scores = qm @ kn.T                                                           # [M, M]
 diag_spread = max(np.ptp(np.diagonal(scores, d)) for d in range(-M + 1, M))
 print(f"largest spread along a diagonal: {diag_spread:.2e} (scores range {np.ptp(scores):.2f})")
@@ -159,23 +167,27 @@ plt.show()
 # one, multi-query attention). `npvlm.attention.attention` never copies K and V per head: it
 # reshapes the queries to `[B, Hk, G·T, E]`, so one matmul per K/V head covers its G query heads.
 # HF instead repeats K/V (`repeat_kv`); the results are equal. The KV cache stores only the Hk heads.
+# `attention` reads the scale (and Gemma 2's cap) from the config, and given a dict `save` it
+# keeps its probabilities `[B, Hq, T, S]` there, in HF's head order.
 
 # %%
 sa = layer["self_attn"]
-q = apply_rope(q_all.transpose(0, 2, 1, 3), cos, sin)                         # [B, Hq, T, E]
-k = apply_rope(k_all.transpose(0, 2, 1, 3), cos, sin)                         # [B, Hk, T, E]
-v = linear(x, sa["v_proj"]["weight"]).reshape(B, T, Hk, E).transpose(0, 2, 1, 3)
-mask = prefix_lm_mask(attention_mask, np.zeros_like(ids), np.float32)        # [B, 1, T, T] (notebook 06)
+q = apply_rope(q_all.transpose(0, 2, 1, 3), rope)                             # [B, Hq, T, E]
+k = apply_rope(k_all.transpose(0, 2, 1, 3), rope)                             # [B, Hk, S, E] (S = T here)
+v = split_heads(linear(x, sa["v_proj"]["weight"]), Hk)                        # [B, Hk, S, E]
+mask = prefix_lm_mask(attention_mask, np.zeros_like(ids), np.float32)        # [B, 1, T, S] (notebook 06)
 print(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; mask {list(mask.shape)}; scale {tc.attn_scale:.4f}")
-grouped = attention(q, k, v, mask, tc.attn_scale)                             # [B, T, Hq*E]
+saved = {}
+grouped = attention(q, k, v, mask, tc, save=saved)                            # [B, T, Hq*E]
 
 k_rep, v_rep = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)               # HF repeat_kv: [B, Hq, T, E]
-probs = softmax(q @ k_rep.swapaxes(-1, -2) * tc.attn_scale + mask, axis=-1)   # [B, Hq, T, T]
+probs = softmax(q @ k_rep.swapaxes(-1, -2) * tc.attn_scale + mask, axis=-1)   # [B, Hq, T, S]
 repeated = (probs @ v_rep).transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
 print(compare("grouped == repeat_kv", grouped, repeated))
+print(compare("saved probs == repeat_kv probs", saved["probs"], probs))
 attn_out = linear(grouped, sa["o_proj"]["weight"])                            # [B, T, D]
 print(compare("o_proj(attention) == gemma.self_attention", attn_out,
-              self_attention(x, sa, tc, cos, sin, mask, None, 0)))
+              self_attention(x, sa, tc, rope, mask)))
 per_token = 2 * tc.num_hidden_layers * E * 4
 print(f"KV cache per token: {Hk} K/V head(s) -> {Hk * per_token / 1024:.1f} KiB; "
       f"with one K/V head per query head it would be {Hq * per_token / 1024:.1f} KiB")
@@ -206,16 +218,19 @@ plt.show()
 # %% [markdown]
 # ## 5. The block, and the whole decoder
 #
-# The two branches together are `gemma_block`. Run every layer, then the final RMSNorm and the
-# output layer, which is the embedding table again: `logits = RMSNorm(h) @ Eᵀ`.
+# The two branches together are `gemma_block(h, p, cfg, rope, mask)` (a fifth argument, the
+# layer's KV cache slot, is notebook 06's). Run every layer, then the final RMSNorm
+# (`paligemma.final_norm`) and the output layer, which is the embedding table again:
+# `logits = RMSNorm(h) @ Eᵀ` (`gemma.lm_head`, given `params["text"]["embed_tokens"]`).
 
 # %%
 h2 = h1 + mlp_out
-print(compare("h + attn + mlp == gemma_block", h2, gemma_block(h, layer, tc, cos, sin, mask, None, 0)))
+print(compare("h + attn + mlp == gemma_block", h2, gemma_block(h, layer, tc, rope, mask)))
 hh = h
-for i, p in enumerate(model.params["text"]["layers"]):
-    hh = gemma_block(hh, p, tc, cos, sin, mask, None, i)
-final, logits = lm_head(hh[:, -1], model.params["text"], tc)                  # the last position only
+for p in model.params["text"]["layers"]:
+    hh = gemma_block(hh, p, tc, rope, mask)
+final = final_norm(hh[:, -1], model.params["text"]["norm"], tc)                     # the last position only
+logits = lm_head(final, model.params["text"]["embed_tokens"], tc)
 print(f"after {tc.num_hidden_layers} layers: {list(hh.shape)} -> final norm {list(final.shape)} -> logits {list(logits.shape)}")
 print(compare("== model.prefill", logits, model.prefill(ids, attention_mask, inputs["pixel_values"])))
 
@@ -224,18 +239,35 @@ print(compare("== model.prefill", logits, model.prefill(ids, attention_mask, inp
 #
 # The golden model `pg1_gqa_v5` has grouped-query attention (4 query heads, 2 K/V heads). From
 # HF's `text.embed`, build the positions, the RoPE tables and the mask, apply `gemma_block` layer by
-# layer and `lm_head`, and compare every stage with HF's (on real tokens).
+# layer, `final_norm` and `lm_head`, and compare every stage with HF's (on real tokens). The
+# goldens are committed tensors: no torch needed.
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_gqa_v5" / "goldens.npz"))
 gm = npvlm.load(GOLDENS / "pg1_gqa_v5" / "model")
 gtc, am = gm.cfg.text, golden["attention_mask"]
 print(f"golden: Hq = {gtc.num_attention_heads}, Hk = {gtc.num_key_value_heads}, E = {gtc.head_dim}")
-gcos, gsin = rope_tables(prompt_positions(am), gtc.head_dim, gtc.rope_theta)   # the cumsum above, as prefill does it
+grope = rope_tables(prompt_positions(am), gtc.head_dim, gtc.rope_theta)       # the cumsum above, as prefill does it
 gmask = prefill_masks(am, golden["token_type_ids"], gtc, np.float32)["full_attention"]
 ours, h = {}, golden["text.embed"]
 for i, p in enumerate(gm.params["text"]["layers"]):
-    h = ours[f"text.layer.{i:02d}"] = gemma_block(h, p, gtc, gcos, gsin, gmask, None, i)
-ours["text.final_norm"], ours["logits"] = lm_head(h, gm.params["text"], gtc)
-results = compare_stages(ours, golden, list(ours), where=am.astype(bool))
+    h = ours[f"text.layer.{i:02d}"] = gemma_block(h, p, gtc, grope, gmask)
+ours["text.final_norm"] = final_norm(h, gm.params["text"]["norm"], gtc)
+ours["logits"] = lm_head(ours["text.final_norm"], gm.params["text"]["embed_tokens"], gtc)
+names = text_stage_names(gtc.num_hidden_layers)[1:]              # the layers, final norm, logits
+results = compare_stages(ours, golden, names, where=am.astype(bool))
 assert all(r.ok for r in results)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In the RoPE score-matrix cell (end of section 2), shift every position by 100:
+#    `pos_m = np.arange(101, M + 101)[None]`. Predict whether the score matrix and the printed
+#    diagonal spread change; rerun the cell to see.
+# 2. In section 3, replace `np.repeat(k, G, axis=1)` (and the same for `v`) with
+#    `np.tile(k, (1, G, 1, 1))`. Predict which K/V head query head 1 now reads (with `Hk` and
+#    `G` printed at the top) and whether `grouped == repeat_kv` still passes; the printed line
+#    shows it.
+# 3. In section 3, call `attention(q, k, v, None, tc, save=saved)`, without the mask. This prompt
+#    is one row with no padding and no suffix: predict whether any printed line of the cell
+#    changes; rerun it to see. (Notebook 06 shows the prompts where the mask matters.)

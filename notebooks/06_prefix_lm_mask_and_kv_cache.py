@@ -29,12 +29,13 @@
 #
 # Generation: **prefill** runs the prompt `[B, T]` once and stores every layer's keys (after
 # RoPE) and values; each **decode** step runs one token `[B, 1]` against them. Code:
-# `npvlm/attention.py` (`prefix_lm_mask`, `decode_mask`), `npvlm/kv_cache.py`,
-# `npvlm/paligemma.py` (`prefill`, `decode_step`).
+# `npvlm/masks.py` (`prefix_lm_mask`, `decode_mask`), `npvlm/kv_cache.py`,
+# `npvlm/paligemma.py` (`prefill`, `decode_step`). Shapes: B batch, T queries (tokens of this
+# pass), S keys (cached + new; S = T in a prefill), Hq/Hk query/key-value heads, E head dim.
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -45,9 +46,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.attention import decode_mask, prefix_lm_mask
-from npvlm.model import SAMPLE_SCENE
-from npvlm.scenes import caption, make_scene
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo.scenes import caption, make_scene
+from npvlm.masks import decode_mask, prefix_lm_mask
 from npvlm.trace import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
@@ -68,7 +69,7 @@ print(model)
 labels = ["pad", "img", "img", "bos", "p", "\\n", "x", "y"]
 toy_mask = np.array([[0, 1, 1, 1, 1, 1, 1, 1]])
 toy_type = np.array([[0, 0, 0, 0, 0, 0, 1, 1]])
-additive = prefix_lm_mask(toy_mask, toy_type, np.float32)          # [B, 1, T, T]
+additive = prefix_lm_mask(toy_mask, toy_type, np.float32)          # [B, 1, T, S], S = T
 print(f"additive mask {list(additive.shape)}: values {np.unique(additive).tolist()}")
 allowed = additive[0, 0] == 0
 print("        " + " ".join(f"{s:>4}" for s in labels))
@@ -119,14 +120,17 @@ plt.show()
 # %%
 key_valid = np.concatenate([am[1:], np.ones((1, 1), am.dtype)], axis=1)      # row 1's keys + the new token
 step_mask = decode_mask(key_valid, np.float32)
-print(f"decode mask {list(step_mask.shape)} (B, 1, 1, K): {int((step_mask == 0).sum())} visible keys of {key_valid.shape[1]}")
+print(f"decode mask {list(step_mask.shape)} (B, 1, 1, S): {int((step_mask == 0).sum())} visible keys of {key_valid.shape[1]}")
 
 # %% [markdown]
 # ## 3. The KV cache
 #
-# `new_cache(B, capacity)` preallocates, per layer, keys and values `[B, Hk, capacity, E]`, plus
-# `key_valid` (which slots hold real tokens), `next_position` (each row's next RoPE position) and
-# `length` (slots filled). Layers write into it in place; nothing is concatenated.
+# `new_cache(B, capacity)` preallocates one slot per layer, `cache.layers[i]` (a `LayerKV`: keys
+# and values `[B, Hk, capacity, E]` and how many positions it holds, `length`), plus `key_valid`
+# (which positions hold real tokens), `next_position` (each row's next RoPE position) and
+# `length` (positions filled in every layer). Layer i's block gets its slot and calls
+# `slot.write(k, v)`, which stores the new keys and values in place (nothing is concatenated)
+# and returns views of every filled position to attend to.
 
 # %%
 PROMPT, NEW = "caption en", 12
@@ -134,14 +138,15 @@ inputs = model.processor([SAMPLE_SCENE], [PROMPT])
 ids, attention_mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
 B, T = ids.shape
 cache = model.new_cache(B, T + NEW)
-print(f"{len(cache.keys)} layers x keys/values {list(cache.keys[0].shape)}; key_valid {list(cache.key_valid.shape)}; "
+slot = cache.layers[0]
+print(f"{len(cache.layers)} layer slots x keys/values {list(slot.keys.shape)}; key_valid {list(cache.key_valid.shape)}; "
       f"next_position {cache.next_position.tolist()}; length {cache.length}")
 
 t0 = time.perf_counter()
 logits = model.prefill(ids, attention_mask, pixels, cache=cache)
 prefill_s = time.perf_counter() - t0
 print(f"prefill of {T} tokens in {1000 * prefill_s:.1f} ms -> logits {list(logits.shape)}; "
-      f"length {cache.length}, next_position {cache.next_position.tolist()}")
+      f"length {cache.length} (each slot: {[s.length for s in cache.layers]}), next_position {cache.next_position.tolist()}")
 
 # %% [markdown]
 # Decode step by step (greedy). Each step embeds one token at position `next_position`, writes its
@@ -161,7 +166,7 @@ for t in range(NEW):
     print(f"step {t + 1:2d}: token {tok.decode([token])!r:<12} at position {position:3d} -> cache length {cache.length}")
 print(f"answer so far: {tok.decode(new_ids)!r}")
 
-keys = cache.keys[0][0, 0]                                                 # layer 0, K/V head 0: [capacity, E]
+keys = cache.layers[0].keys[0, 0]                                          # layer 0, row 0, K/V head 0: [capacity, E]
 fig, ax = plt.subplots(figsize=(8, 2.4))
 ax.imshow(keys.T, aspect="auto", cmap="coolwarm")
 ax.axvline(T - 0.5, color="black", lw=1)
@@ -203,9 +208,9 @@ print(f"one cached decode step: {1000 * np.median(step_s):.1f} ms; recomputing {
 trace = {}
 model.prefill(full_ids, full_mask, pixels, full_types, logits_for="all", trace=trace)
 L = len(model.params["text"]["layers"])
-attn = trace[f"text.attn.{L - 1:02d}"][0].mean(0)                       # [T', T'], heads averaged
-g = int(round(np.sqrt(N)))
-S_px = pixels.shape[-1]
+attn = trace[f"text.attn.{L - 1:02d}"][0].mean(0)                       # [T', S], S = T', heads averaged
+g = cfg.vision.grid_size
+R = pixels.shape[-1]                                                    # image side in pixels
 shown = [t for t in range(NEW) if tok.decode([new_ids[t]]).strip().isalpha()][:6]   # the words
 fig, axes = plt.subplots(1, 1 + len(shown), figsize=(2.6 * (1 + len(shown)), 2.8))
 axes[0].imshow(np.log10(attn + 1e-6), cmap="viridis")
@@ -215,8 +220,8 @@ axes[0].set_ylabel("query")
 scene_img = (pixels[0].transpose(1, 2, 0) + 1) / 2
 for ax, t in zip(axes[1:], shown):
     row = attn[T - 1 + t]                                               # the query that writes token t
-    ax.imshow(scene_img, extent=(0, S_px, S_px, 0))
-    ax.imshow(row[:N].reshape(g, g), extent=(0, S_px, S_px, 0), cmap="magma", alpha=0.7)
+    ax.imshow(scene_img, extent=(0, R, R, 0))
+    ax.imshow(row[:N].reshape(g, g), extent=(0, R, R, 0), cmap="magma", alpha=0.7)
     ax.set_title(f"{tok.decode([new_ids[t]]).strip()!r}: {100 * row[:N].sum():.0f}% on image", fontsize=9)
     ax.axis("off")
 plt.show()
@@ -229,6 +234,8 @@ plt.show()
 # 2. `pg2_gqa_hub`'s golden inputs carry a 4-token causal suffix (`token_type_ids` = 1), so its
 #    logits at every position test the prefix-LM mask with a suffix against HF. (It is a
 #    PaliGemma 2 model, notebook 09; the mask is the same function.)
+#
+# The goldens are committed tensors: no torch needed.
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
@@ -257,3 +264,17 @@ ours = {"logits": m2.prefill(g2["input_ids"], g2["attention_mask"], g2["pixel_va
                              logits_for="all")}
 results = compare_stages(ours, g2, ["logits"], where=g2["attention_mask"].astype(bool))
 assert np.array_equal(tokens, golden["greedy_tokens"]) and all(r.ok for r in recompute + results)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 1, make the suffix three tokens long: `toy_type = np.array([[0, 0, 0, 0, 0, 1, 1, 1]])`
+#    (the `"\n"` becomes a suffix token). Predict the printed 1/. matrix: which rows turn causal,
+#    and which keys the `"\n"` row still sees; rerun the cell to see.
+# 2. In section 3, set `NEW = 4` and rerun sections 3 and 4. Predict the cache's keys/values
+#    shape, the `length` after prefill and after the last step, and how many `step` lines the
+#    recompute check prints; the printed lines and the keys figure (fewer empty slots) show it.
+# 3. In section 4, mark the generated tokens as prefix: `full_types = np.zeros_like(full_ids)`.
+#    Predict which steps' logits still equal the cached decode. (In a prefix every token sees
+#    every other one, the later ones too, and the prompt's hidden states feed every step.) The
+#    printed `step t` lines show it.

@@ -31,7 +31,7 @@
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
@@ -42,8 +42,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.model import SAMPLE_SCENE
-from npvlm.sampling import SamplingOptions, choose, filtered_probs
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.sampling import SamplingOptions, choose, filtered_probs, row_generators
 from npvlm.trace import compare
 
 plt.rcParams.update({"figure.dpi": 72})
@@ -145,9 +145,10 @@ print(f"top_p={TOP_P}: the {int((filters[f'top_p={TOP_P}'] > 0).sum())} kept tok
 # %% [markdown]
 # ## 4. The draw
 #
-# `choose` filters on the model's backend and draws with one uniform number per row from a
-# seeded NumPy generator, by inverse CDF. The same seed gives the same tokens (on CuPy too).
-# Over many draws the frequencies match the filtered distribution.
+# `choose(logits, options, rngs)` filters on the model's backend and draws with one uniform
+# number per row from a seeded NumPy generator, by inverse CDF. The same seed gives the same
+# tokens (on CuPy too). `rngs` is one `np.random.Generator`, drawn from for every row, or a list
+# of them, one per row. Over many draws the frequencies match the filtered distribution.
 
 # %%
 options = SamplingOptions(temperature=1.0, top_p=TOP_P, seed=0)
@@ -162,7 +163,17 @@ ax.bar(np.arange(len(kept)) + 0.2, counts[kept], width=0.4, label="frequency in 
 ax.set_xticks(range(len(kept)), [repr(piece(i))[1:-1] for i in kept], rotation=45, fontsize=9)
 ax.legend(fontsize=8)
 plt.show()
-print("greedy choice:", repr(piece(choose(z, SamplingOptions(), None)[0])))
+print("greedy choice:", repr(piece(choose(z, SamplingOptions(), None)[0])))       # greedy draws nothing
+
+# A batch of two identical rows: one shared generator gives each row its own number; one
+# generator per row, all seeded alike (`row_generators`, what `generate` uses), makes each row
+# sample what it would sample alone, whatever else is in the batch.
+z2 = np.concatenate([z, z])                                                        # [2, V]
+shared = [choose(z2, options, rng).tolist() for _ in range(5)]
+rows = row_generators(options.seed, 2)
+per_row = [choose(z2, options, rows).tolist() for _ in range(5)]
+print("one generator:       ", [[piece(i) for i in pair] for pair in shared])
+print("row_generators(0, 2):", [[piece(i) for i in pair] for pair in per_row])
 
 # %% [markdown]
 # The same options through `model.generate`: greedy is deterministic, sampling varies with the seed.
@@ -178,9 +189,10 @@ for seed in range(3):
 #
 # The golden model `pg1_mqa_hub`: our last-position logits equal HF's; greedy choice from them
 # gives HF's first greedy token; the filtered distributions made from our logits equal those made
-# from HF's logits. When torch + transformers are installed, the filters are also compared with
-# HF's own logits warpers (`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`),
-# as `tests/test_sampling.py` does.
+# from HF's logits. These use only the committed goldens (no torch needed). When torch +
+# transformers are installed, the filters are also compared with HF's own logits warpers
+# (`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`), as `tests/test_sampling.py`
+# does; without them that part is skipped with a note.
 
 # %%
 golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
@@ -198,8 +210,7 @@ try:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torch
-        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                            TopPLogitsWarper)
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 except ImportError:
     print("torch/transformers not installed: skipping the comparison with HF's warpers (pip install -e '.[reference]')")
 else:
@@ -213,3 +224,16 @@ else:
 for c in checks:
     print(c)
 assert np.array_equal(first, golden["greedy_tokens"][:, 0]) and all(c.ok for c in checks)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 3, set `TOP_P = 0.99`, then `TOP_P = 0.3`, and rerun. Predict how many tokens
+#    each keeps compared with `top_k=5` (at this uncertain step; see the entropy printed in
+#    section 1); the panel titles `... tokens kept` show it.
+# 2. In section 4, change the seed: `SamplingOptions(temperature=1.0, top_p=TOP_P, seed=1)`.
+#    Predict whether the bars of 400 draws change much, and whether the two lines of the
+#    two-row batch still show equal pairs with `row_generators`; rerun the cell to see.
+# 3. In the `model.generate` cell, use `temperature=0.1` instead of `1.0`. Predict how many of
+#    the three seeds give the greedy caption (the temperature plot of section 2 shows how sharp
+#    the distribution gets); the printed lines show it.

@@ -33,7 +33,7 @@
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
-# (npvlm/demo_model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
+# (npvlm/demo/model). Set MODEL to a real checkpoint folder instead, e.g. a downloaded
 # google/paligemma-3b-mix-224 (docs/checkpoints.md), and the notebook runs unchanged on it.
 MODEL = "demo"
 
@@ -43,11 +43,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo.scenes import detection_text, make_scene
 from npvlm.detection import encode_box, iou, parse_detections
 from npvlm.draw import draw_objects
 from npvlm.image import load_image
-from npvlm.model import SAMPLE_SCENE
-from npvlm.scenes import detection_text, make_scene
 from npvlm.segmentation import decode_masks, load_vae, object_masks, paste_mask
 from npvlm.trace import compare
 
@@ -58,6 +58,24 @@ ROOT = Path(npvlm.__file__).resolve().parent.parent
 VAE = ROOT / "tests" / "fixtures" / "vae" / "vae-tiny.npz"
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
+
+
+def show_at_size(panels, gap=16, title_px=24):
+    """Show (title, PIL image) panels side by side at one figure pixel per image pixel (dpi 72):
+    a plot that shrinks the image would resample the labels of `draw_objects` into a blur."""
+    width = sum(im.width for _, im in panels) + gap * (len(panels) - 1)
+    height = max(im.height for _, im in panels) + title_px
+    fig = plt.figure(figsize=(width / 72, height / 72))
+    x = 0
+    for title, im in panels:
+        ax = fig.add_axes((x / width, 0, im.width / width, im.height / height))
+        ax.imshow(im)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+        x += im.width + gap
+    plt.show()
+
+
 model = npvlm.load(MODEL)
 tok = model.tokenizer
 image = load_image(SAMPLE_SCENE)
@@ -110,12 +128,8 @@ for o in found.objects:
     best = max((iou(o.box, t.box) for t in truth if t.label == o.label), default=0.0)
     print(f"predicted {o.label:<7} IoU with the truth {best:.2f}")
 
-fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
-for ax, (title, objects) in zip(axes, [(f"model: {PROMPT!r}", found.objects), ("ground truth", truth)]):
-    ax.imshow(draw_objects(image, objects))
-    ax.set_title(title, fontsize=10)
-    ax.axis("off")
-plt.show()
+show_at_size([(f"model: {PROMPT!r}", draw_objects(image, found.objects)),
+              ("ground truth", draw_objects(image, truth))])
 
 # %% [markdown]
 # ## 3. Segmentation: 16 codes to a mask
@@ -146,13 +160,13 @@ print(f"{obj.label}: box {tuple(round(v, 1) for v in obj.box)}, seg codes {obj.s
 # %%
 vae = load_vae(VAE)
 trace = {}
-mask64 = decode_masks([obj.seg], vae, trace)                            # [1, 64, 64]
+mask64 = decode_masks([obj.seg], vae, trace=trace)                          # [1, 64, 64]
 for name, a in trace.items():
     print(f"{name:<12} {list(a.shape)}")
 full = paste_mask(mask64[0], obj.box, W, H)                            # bool [H, W]
 print(f"pasted: {full.dtype} {list(full.shape)}, {int(full.sum())} pixels inside the mask")
 
-fig, axes = plt.subplots(1, 4, figsize=(12, 3))
+fig, axes = plt.subplots(1, 3, figsize=(9, 3))
 axes[0].imshow(np.array(obj.seg).reshape(4, 4), cmap="tab20")
 for (r, c), v in np.ndenumerate(np.array(obj.seg).reshape(4, 4)):
     axes[0].text(c, r, str(v), ha="center", va="center", fontsize=8)
@@ -161,20 +175,19 @@ axes[1].imshow(mask64[0], cmap="coolwarm", vmin=-1, vmax=1)
 axes[1].set_title("decoded 64 x 64 logit")
 axes[2].imshow(full, cmap="gray")
 axes[2].set_title(f"pasted into the box, {W}x{H}")
-axes[3].imshow(draw_objects(image, [obj], masks=object_masks([obj], vae, W, H)))
-axes[3].set_title("drawn")
 for ax in axes:
     ax.axis("off")
 fig.suptitle(f"VAE: {VAE.name}" + (" (random weights: the mask shape means nothing)" if VAE.name == "vae-tiny.npz" else ""),
              fontsize=10)
 plt.show()
+show_at_size([("drawn: mask, box and label", draw_objects(image, [obj], masks=object_masks([obj], vae, W, H)))])
 
 # %% [markdown]
 # ## Check
 #
 # - The mask decoder against its golden: masks that PyTorch computed for six code grids with the
-#   fixture's weights (`tools/make_vae_fixture.py`, a `nn.Sequential` with the official layer
-#   names; big_vision's `reconstruct_masks`).
+#   fixture's weights (`tests/make_vae_fixture.py`, a `nn.Sequential` with the official layer
+#   names; big_vision's `reconstruct_masks`). The golden is a committed file: no torch needed.
 # - Boxes: every true box survives `encode_box` → `parse_detections` to within one bin, with
 #   the labels in order.
 
@@ -191,3 +204,18 @@ err = max(abs(a - b) for o, (_, box) in zip(back, all_truth) for a, b in zip(o.b
 print(f"{text}\n-> labels {[o.label for o in back]}, largest corner error {err:.2f} px (one bin = {max(W, H) / 1023:.2f} px)")
 assert [o.label for o in back] == [s for s, _ in all_truth] and err <= max(W, H) / 1023
 assert all(c.ok for c in checks)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 2, change `bins` to `(0, 0, 1023, 1023)` and rerun it. Predict the printed box in
+#    pixels: exactly the whole `W x H` image, or a little less (which divisor does the model's
+#    side use)? The `by hand` line shows it.
+# 2. In section 1, set `PROMPT = "detect triangle ; circle ; square"` and rerun sections 1 and 2.
+#    The demo world's prompts name at most two classes: predict whether the answer still holds
+#    three well-formed records, one per class; section 2 prints the parsed boxes and a
+#    `problem:` line for each malformed record.
+# 3. In the segmentation cell, replace `obj.seg` by `obj.seg[::-1]` (the 16 codes reversed) in
+#    `decode_masks([obj.seg], ...)`. Predict whether the 64 x 64 logit is the old one flipped
+#    (the codes are a 4 x 4 grid read row by row, then decoded by convolutions) or something
+#    else; the decoded-logit panel shows it.

@@ -28,7 +28,8 @@
 #
 # plus grouped-query attention with several K/V heads. See `docs/paligemma2.md`; code:
 # `npvlm/gemma.py` (`gemma2_block` next to `gemma_block`), `npvlm/layers.py` (`softcap`),
-# `npvlm/attention.py` (the window in `prefix_lm_mask`, `decode_mask`).
+# `npvlm/attention.py` (the cap and the scale, read from the config), `npvlm/masks.py` (the
+# window in `prefix_lm_mask`, `decode_mask`).
 
 # %%
 # The model this notebook runs on: the tiny random-weight PaliGemma 2 golden model from
@@ -48,13 +49,13 @@ import npvlm
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 MODEL = GOLDENS / "pg2_gqa_v5" / "model"
 
-from npvlm.attention import decode_mask, rope_tables
-from npvlm.paligemma import prefill_masks, prompt_positions
-from npvlm.gemma import gemma2_block, gemma_block
+from npvlm.demo import SAMPLE_SCENE
+from npvlm.gemma import gemma2_block, gemma_block, lm_head
 from npvlm.generate import greedy_ids
 from npvlm.layers import softcap
-from npvlm.model import SAMPLE_SCENE
-from npvlm.trace import compare, compare_stages
+from npvlm.masks import decode_mask, prefill_masks
+from npvlm.rope import prompt_positions, rope_tables
+from npvlm.trace import compare, compare_stages, stage_names
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 model = npvlm.load(MODEL)
@@ -131,6 +132,8 @@ logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pi
                        inputs.get("token_type_ids"), logits_for="all", trace=trace)
 print("stages:", list(trace))
 pre = trace["text.final_norm"] @ model.params["text"]["embed_tokens"]["weight"].T        # [B, T, V]
+print(compare("lm_head(final_norm) == traced logits", lm_head(trace["text.final_norm"],
+              model.params["text"]["embed_tokens"], tc), logits))
 c_f = tc.final_logit_softcapping
 print(f"pre-cap logits in [{pre.min():.2f}, {pre.max():.2f}] -> capped in [{logits.min():.2f}, {logits.max():.2f}]")
 if c_f is not None:
@@ -150,11 +153,11 @@ plt.show()
 am = inputs["attention_mask"]
 types = inputs.get("token_type_ids")
 types = np.zeros_like(am) if types is None else types
-cos, sin = rope_tables(prompt_positions(am), tc.head_dim, tc.rope_theta)
-masks = prefill_masks(am, types, tc, np.float32)     # {"full_attention", "sliding_attention"}: [B, 1, T, T]
+rope = rope_tables(prompt_positions(am), tc.head_dim, tc.rope_theta)            # (cos, sin)
+masks = prefill_masks(am, types, tc, np.float32)     # {"full_attention", "sliding_attention"}: [B, 1, T, S]
 layer0, mask0 = model.params["text"]["layers"][0], masks[tc.layer_type(0)]
-capped = gemma2_block(trace["text.embed"], layer0, tc, cos, sin, mask0, None, 0)
-uncapped = gemma2_block(trace["text.embed"], layer0, replace(tc, attn_logit_softcapping=None), cos, sin, mask0, None, 0)
+capped = gemma2_block(trace["text.embed"], layer0, tc, rope, mask0)
+uncapped = gemma2_block(trace["text.embed"], layer0, replace(tc, attn_logit_softcapping=None), rope, mask0)
 print(compare("layer 0 == traced text.layer.00", capped, trace["text.layer.00"]))
 print(f"removing the attention cap changes layer 0 by up to {np.abs(capped - uncapped).max():.3f}")
 
@@ -193,8 +196,9 @@ print(f"greedy tokens {list(tokens.shape)}:\n{tokens}")
 # ## Check against Hugging Face
 #
 # Both PaliGemma 2 goldens (`pg2_gqa_v5`: F32, transformers 5.x names; `pg2_gqa_hub`: BF16, two
-# shards, hub names): every stage of a prefill with the 4-token causal suffix, and 32 greedy
-# tokens.
+# shards, hub names): every stage of a prefill with the 4-token causal suffix (the stages of
+# `npvlm.trace.stage_names`), and 32 greedy tokens. The goldens are committed tensors: no torch
+# needed.
 
 # %%
 ok = True
@@ -205,9 +209,23 @@ for name in ("pg2_gqa_v5", "pg2_gqa_hub"):
     gm.prefill(g["input_ids"], g["attention_mask"], g["pixel_values"], g["token_type_ids"], logits_for="all", trace=trace)
     real = g["attention_mask"].astype(bool)
     print(f"{name}:")
-    results = compare_stages(trace, g, [n for n in trace if n in g],
-                             where=lambda n: real if n.startswith(("text.", "logits")) else None)
+    names = stage_names(gm.cfg.vision.num_hidden_layers, gm.cfg.text.num_hidden_layers)
+    results = compare_stages(trace, g, names,
+                             where=lambda n, real=real: real if n.startswith(("text.", "logits")) else None)
     gen = greedy_ids(gm, g["input_ids"], g["attention_mask"], g["pixel_values"], max_new_tokens=g["greedy_tokens"].shape[1])
     print("greedy tokens equal HF's:", np.array_equal(gen, g["greedy_tokens"]))
     ok &= all(r.ok for r in results) and np.array_equal(gen, g["greedy_tokens"])
 assert ok
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. In section 3's first cell, add a third curve with a small cap, `for c in (50.0, 30.0, 5.0)`.
+#    Predict for which |x| the new curve leaves the identity line and the value it flattens at;
+#    the left plot shows it.
+# 2. In the attention-cap cell, compare against a model without the *final* cap instead:
+#    `replace(tc, final_logit_softcapping=None)`. Predict the printed change of layer 0 (the
+#    final cap acts after the last layer, on the logits only); rerun the cell to see.
+# 3. In section 4, change the decode step's cache length: `key_valid = np.ones((1, 20), np.int32)`.
+#    Predict which keys stay visible with this model's window (printed in section 1) — how many,
+#    and which indices; the printed `visible keys` list shows it.

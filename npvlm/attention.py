@@ -12,7 +12,7 @@ Query head j reads K/V head j // G (HF `repeat_kv` order), done by reshaping the
 groups, so K and V are never copied per head.
 """
 
-from .layers import softcap, softmax
+from .layers import softcap, softcap_backward, softmax, softmax_backward
 
 
 def attention(q, k, v, mask, cfg, *, save=None):
@@ -40,3 +40,29 @@ def attention(q, k, v, mask, cfg, *, save=None):
             save["capped"] = capped
     out = (probs @ v).reshape(B, Hq, T, E)                            # [B, Hq, T, E]
     return out.transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
+
+
+def attention_backward(dout, saved, cfg):
+    """The gradients of `attention` with respect to q, k, v, from what it saved (q, k, v, probs,
+    the capped scores). With dO the upstream gradient as [B, Hk, G*T, E] (grouped as forward):
+
+        dv = probs^T dO                          (sums the G query heads that share a K/V head)
+        dscores = softmax_backward(dO v^T, probs) * (1 - (capped/cap)^2 if capped) * scale
+        dq = dscores k,   dk = dscores^T q
+
+    The additive mask is a constant: masked keys have probability 0 and get no gradient.
+    dout: [B, T, Hq*E] -> dq [B, Hq, T, E], dk, dv [B, Hk, S, E]"""
+    q, k, v = saved["q"], saved["k"], saved["v"]
+    B, Hq, T, E = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    probs = saved["probs"].reshape(B, Hk, G * T, S)
+    d_out = dout.reshape(B, T, Hq, E).transpose(0, 2, 1, 3).reshape(B, Hk, G * T, E)
+    dv = probs.swapaxes(-1, -2) @ d_out                               # [B, Hk, S, E]
+    dscores = softmax_backward(d_out @ v.swapaxes(-1, -2), probs)     # [B, Hk, G*T, S]
+    if "capped" in saved:
+        dscores = softcap_backward(dscores, saved["capped"], cfg.attn_logit_softcapping)
+    dscores = dscores * cfg.attn_scale
+    dq = (dscores @ k).reshape(B, Hq, T, E)
+    dk = dscores.swapaxes(-1, -2) @ q.reshape(B, Hk, G * T, E)        # [B, Hk, S, E]
+    return dq, dk, dv

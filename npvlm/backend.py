@@ -74,6 +74,13 @@ def to_device(tree, xp):
     return tree
 
 
+def scatter_add(table, index, values):
+    """table[index[i]] += values[i] for every i, repeats summed (an embedding gradient).
+    table: [V, D], index: int[n], values: [n, D]; in place, on either backend."""
+    xp = array_module(table)
+    xp.add.at(table, index, values)
+
+
 def synchronize(xp):
     """Wait for queued device work (CuPy runs asynchronously); a no-op on NumPy. Timers call
     this before reading the clock."""

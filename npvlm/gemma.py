@@ -15,11 +15,21 @@ Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the nu
 matter are commented where they happen.
 """
 
-from .attention import attention
-from .backend import array_module
-from .layers import gelu_tanh, linear, rms_norm, softcap, sub
-from .rope import apply_rope
-from .siglip import split_heads
+from .attention import attention, attention_backward
+from .backend import array_module, scatter_add
+from .layers import (
+    gelu_tanh,
+    gelu_tanh_backward,
+    linear,
+    linear_backward,
+    rms_norm,
+    rms_norm_backward,
+    softcap,
+    softcap_backward,
+    sub,
+)
+from .rope import apply_rope, apply_rope_backward
+from .siglip import merge_heads, split_heads
 
 
 def embed_tokens(ids, p, cfg):
@@ -29,6 +39,17 @@ def embed_tokens(ids, p, cfg):
     table = p["weight"]
     xp = array_module(ids)
     return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
+
+
+def embed_tokens_backward(dh, ids, p, cfg):
+    """The gradient of the embedding table: row ids[b, t] receives dh[b, t] * sqrt(D), summed
+    over repeats (a scatter-add). dh: [B, T, D], ids: int[B, T] -> {"weight": [V, D]}"""
+    table = p["weight"]
+    xp = array_module(dh)
+    d_table = xp.zeros(table.shape, dtype=dh.dtype)
+    scale = xp.asarray(cfg.embed_scale, dtype=dh.dtype)
+    scatter_add(d_table, ids.reshape(-1), (dh * scale).reshape(-1, dh.shape[-1]))
+    return {"weight": d_table}
 
 
 def key_values(x, p, cfg, rope, *, save=None):
@@ -51,6 +72,20 @@ def self_attention(x, p, cfg, rope, mask, kv=None, *, save=None):
     return linear(out, **p["o_proj"], save=sub(save, "o_proj"))
 
 
+def self_attention_backward(dy, saved, p, cfg, rope):
+    """Back through o_proj, attention, RoPE and the q/k/v projections (no cache: a training pass).
+    dy: [B, T, D] -> dx [B, T, D], grads {"q_proj": ..., "k_proj": ..., "v_proj": ..., "o_proj": ...}
+    (only the trained ones)"""
+    d_out, g_o = linear_backward(dy, saved["o_proj"], **p["o_proj"])
+    dq, dk, dv = attention_backward(d_out, saved["attn"], cfg)
+    dq, dk = apply_rope_backward(dq, rope), apply_rope_backward(dk, rope)
+    dx, grads = 0, {"o_proj": g_o}
+    for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
+        d_in, grads[name] = linear_backward(merge_heads(d), saved[name], **p[name])
+        dx = dx + d_in
+    return dx, {k: g for k, g in grads.items() if g}
+
+
 def geglu(x, p, *, save=None):
     """down(gelu_tanh(gate(x)) * up(x)).  [B, T, D] -> [B, T, F] -> [B, T, D]"""
     g = gelu_tanh(linear(x, **p["gate_proj"], save=sub(save, "gate_proj")), save=sub(save, "gelu"))
@@ -58,6 +93,20 @@ def geglu(x, p, *, save=None):
     if save is not None:
         save["up"] = u
     return linear(g * u, **p["down_proj"], save=sub(save, "down_proj"))
+
+
+def geglu_backward(dy, saved, p):
+    """y = down(g u) with g = gelu(gate(x)), u = up(x):  dg = dm u, du = dm g (dm: through
+    down_proj), then back through the GELU and both projections; g is recomputed from what the
+    GELU saved (0.5 x (1 + tanh)). dy: [B, T, D] -> dx [B, T, D], grads by projection."""
+    dm, g_down = linear_backward(dy, saved["down_proj"], **p["down_proj"])
+    gx, gt = saved["gelu"]["x"], saved["gelu"]["tanh"]
+    g = 0.5 * gx * (1.0 + gt)
+    d_gate = gelu_tanh_backward(dm * saved["up"], saved["gelu"])
+    dx_gate, g_gate = linear_backward(d_gate, saved["gate_proj"], **p["gate_proj"])
+    dx_up, g_up = linear_backward(dm * g, saved["up_proj"], **p["up_proj"])
+    grads = {"gate_proj": g_gate, "up_proj": g_up, "down_proj": g_down}
+    return dx_gate + dx_up, {k: v for k, v in grads.items() if v}
 
 
 def gemma_block(h, p, cfg, rope, mask, kv=None, *, save=None):
@@ -86,7 +135,39 @@ def gemma2_block(h, p, cfg, rope, mask, kv=None, *, save=None):
     return h + rms_norm(m, **p["post_feedforward_layernorm"], eps=eps, save=sub(save, "post_feedforward_layernorm"))
 
 
+def _norm_back(dy, saved, p, name, grads):
+    dx, g = rms_norm_backward(dy, saved[name], **p[name])
+    if g:
+        grads[name] = g
+    return dx
+
+
+def gemma_block_backward(dh, saved, p, cfg, rope):
+    """Back through `gemma_block`: each residual branch adds its input gradient to the stream's.
+    dh: [B, T, D] (gradient of the block's output) -> dh of its input [B, T, D], grads."""
+    grads = {}
+    dx, grads["mlp"] = geglu_backward(dh, saved["mlp"], p["mlp"])
+    dh = dh + _norm_back(dx, saved, p, "post_attention_layernorm", grads)
+    dx, grads["self_attn"] = self_attention_backward(dh, saved["self_attn"], p["self_attn"], cfg, rope)
+    dh = dh + _norm_back(dx, saved, p, "input_layernorm", grads)
+    return dh, {k: g for k, g in grads.items() if g}
+
+
+def gemma2_block_backward(dh, saved, p, cfg, rope):
+    """Back through `gemma2_block`: as Gemma 1, with the post-norms of both branches on the way.
+    dh: [B, T, D] -> [B, T, D], grads."""
+    grads = {}
+    dm = _norm_back(dh, saved, p, "post_feedforward_layernorm", grads)
+    dx, grads["mlp"] = geglu_backward(dm, saved["mlp"], p["mlp"])
+    dh = dh + _norm_back(dx, saved, p, "pre_feedforward_layernorm", grads)
+    da = _norm_back(dh, saved, p, "post_attention_layernorm", grads)
+    dx, grads["self_attn"] = self_attention_backward(da, saved["self_attn"], p["self_attn"], cfg, rope)
+    dh = dh + _norm_back(dx, saved, p, "input_layernorm", grads)
+    return dh, {k: g for k, g in grads.items() if g}
+
+
 BLOCKS = {"gemma": gemma_block, "gemma2": gemma2_block}
+BLOCK_BACKWARDS = {"gemma": gemma_block_backward, "gemma2": gemma2_block_backward}
 
 
 def lm_head(h, p, cfg, *, save=None):
@@ -96,4 +177,15 @@ def lm_head(h, p, cfg, *, save=None):
     logits = linear(h, p["weight"], save=save)                          # h @ E^T
     if cfg.final_logit_softcapping is not None:
         logits = softcap(logits, cfg.final_logit_softcapping)
+        if save is not None:
+            save["capped"] = logits
     return logits
+
+
+def lm_head_backward(dlogits, saved, p, cfg):
+    """Back through the softcap and the tied projection: dh = dz E, and dE = dz^T h when the
+    embedding is trained (the tied head's share of its gradient; the lookup adds the other).
+    dlogits: [..., V] -> dh [..., D], {"weight": [V, D]}"""
+    if cfg.final_logit_softcapping is not None:
+        dlogits = softcap_backward(dlogits, saved["capped"], cfg.final_logit_softcapping)
+    return linear_backward(dlogits, saved, p["weight"])

@@ -15,7 +15,12 @@ Every function takes its array module from its input (`xp = array_module(x)`), s
 runs on NumPy and CuPy. Reductions (norm statistics, softmax) run in fp32.
 
 Training: forward functions take `save=None`. Given a dict, they store in it what their
-backward needs (docs/training.md); `sub(save, name)` gives a sub-module its own dict.
+backward needs (docs/training.md); `sub(save, name)` gives a sub-module its own dict. A module
+whose parameters get no gradient has the dict {"frozen": True}: a frozen linear keeps nothing,
+a frozen norm keeps what the input gradient needs. Each `f` has an `f_backward` right after it:
+it takes the upstream gradient `dy` (same shape as f's output) and what f saved, and returns the
+input gradient and, for a layer with parameters, a dict of parameter gradients named as the
+parameters (empty when frozen).
 """
 
 import math
@@ -26,6 +31,15 @@ from .backend import array_module
 def sub(save, name):
     """The dict in which sub-module `name` keeps what its backward needs (None: keep nothing)."""
     return None if save is None else save.setdefault(name, {})
+
+
+def _trained(saved):
+    return saved is not None and not saved.get("frozen")
+
+
+def _rows(a):
+    """[..., n] -> [rows, n]: every leading axis is a row (a batch of vectors)."""
+    return a.reshape(-1, a.shape[-1])
 
 
 def linear(x, weight, bias=None, *, save=None):
@@ -42,6 +56,19 @@ def linear(x, weight, bias=None, *, save=None):
     return y
 
 
+def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
+    """y = x W^T + b:  dx = dy W;  dW = dy^T x and db = sum(dy), both summed over every leading
+    axis, only when the forward kept x (W trained).
+    dy: [..., O] -> dx [..., I] (None if not need_dx), {"weight": [O, I], "bias": [O]}"""
+    dx = dy @ weight if need_dx else None
+    grads = {}
+    if saved is not None and "x" in saved:
+        grads["weight"] = _rows(dy).T @ _rows(saved["x"])               # [O, R] @ [R, I]
+        if bias is not None:
+            grads["bias"] = _rows(dy).sum(axis=0)
+    return dx, grads
+
+
 def layer_norm(x, weight, bias, eps, *, save=None):
     """LayerNorm over the last axis with biased variance (SigLIP): (x - mean) / sqrt(var + eps) * w + b.
     # [..., D] -> [..., D]"""
@@ -56,16 +83,46 @@ def layer_norm(x, weight, bias, eps, *, save=None):
     return normed * weight + bias
 
 
+def layer_norm_backward(dy, saved, weight, bias):
+    """y = n w + b with n = (x - mean) s, s = 1/sqrt(var + eps):
+    dn = dy w;  dx = s (dn - mean(dn) - n mean(dn n));  dw = sum(dy n), db = sum(dy) over every
+    leading axis (not when frozen).  dy: [..., D] -> dx [..., D], {"weight": [D], "bias": [D]}"""
+    n, s = saved["normed"], saved["inv_std"]
+    dn = dy * weight
+    dx = s * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+    grads = {}
+    if _trained(saved):
+        grads = {"weight": _rows(dy * n).sum(axis=0), "bias": _rows(dy).sum(axis=0)}
+    return dx, grads
+
+
 def rms_norm(x, weight, eps, *, save=None):
     """Gemma RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), in fp32 (HF `GemmaRMSNorm`; the weight
     is stored as an offset from 1, so a zero weight is the identity scale).
     # [..., D] -> [..., D]"""
     xp = array_module(x)
-    x32 = x.astype(xp.float32, copy=False)
+    x32 = x.astype(_at_least_f32(x), copy=False)
     inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)  # [..., 1]
     if save is not None:
         save.update(x=x32, inv_rms=inv_rms)
-    return (x32 * inv_rms * (1.0 + weight.astype(xp.float32, copy=False))).astype(x.dtype, copy=False)
+    return (x32 * inv_rms * (1.0 + weight.astype(x32.dtype, copy=False))).astype(x.dtype, copy=False)
+
+
+def rms_norm_backward(dy, saved, weight):
+    """y = x r (1 + w) with r = 1/sqrt(mean(x^2) + eps): with g = dy (1 + w),
+    dx = r g - x r^3 mean(g x);  dw = sum(dy x r) over every leading axis (not when frozen).
+    dy: [..., D] -> dx [..., D], {"weight": [D]}"""
+    x, r = saved["x"], saved["inv_rms"]
+    g = dy * (1.0 + weight.astype(x.dtype, copy=False))
+    dx = r * g - x * (r * r * r) * (g * x).mean(axis=-1, keepdims=True)
+    grads = {"weight": _rows(dy * x * r).sum(axis=0)} if _trained(saved) else {}
+    return dx.astype(dy.dtype, copy=False), grads
+
+
+def _at_least_f32(x):
+    """The dtype reductions run in: fp32, or fp64 for fp64 inputs (the finite-difference checks)."""
+    xp = array_module(x)
+    return xp.float64 if x.dtype == xp.float64 else xp.float32
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -92,15 +149,32 @@ def gelu_tanh(x, *, save=None):
     return t
 
 
+def gelu_tanh_backward(dy, saved):
+    """y = 0.5 x (1 + t), t = tanh(u), u = c (x + a x^3), c = sqrt(2/pi), a = 0.044715:
+    dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2).  dy: [...] -> dx [...]"""
+    x, t = saved["x"], saved["tanh"]
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x))
+
+
 def softmax(x, axis=-1):
     """Numerically stable softmax in fp32, cast back to the input dtype."""
     xp = array_module(x)
-    x32 = x.astype(xp.float32, copy=False)
+    x32 = x.astype(_at_least_f32(x), copy=False)
     e = xp.exp(x32 - x32.max(axis=axis, keepdims=True))
     return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+
+
+def softmax_backward(dp, p, axis=-1):
+    """p = softmax(x):  dx = p (dp - sum(dp p)) along `axis`.  dp, p: [...] -> dx [...]"""
+    return p * (dp - (dp * p).sum(axis=axis, keepdims=True))
 
 
 def softcap(x, cap):
     """Gemma 2 soft capping: cap * tanh(x / cap) keeps |x| < cap smoothly."""
     xp = array_module(x)
     return cap * xp.tanh(x / cap)
+
+
+def softcap_backward(dy, y, cap):
+    """y = cap tanh(x / cap):  dx = dy (1 - (y / cap)^2), from the output y.  [...] -> [...]"""
+    return dy * (1.0 - (y / cap) ** 2)

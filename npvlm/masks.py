@@ -76,7 +76,7 @@ def decode_mask(key_valid, dtype, window=None):
     return additive(allowed[:, None, None, :], dtype)
 
 
-def decode_masks(key_valid, text_cfg, dtype):
+def decode_step_masks(key_valid, text_cfg, dtype):
     """`decode_mask` by layer type, as `prefill_masks`. key_valid [B, S] -> each [B, 1, 1, S]."""
     masks = {"full_attention": decode_mask(key_valid, dtype)}
     if text_cfg.sliding_window is not None:

@@ -64,7 +64,13 @@ class PaliGemma:
         paligemma.check_token_ids(ids, self.cfg)
         return self.xp.asarray(ids)
 
+    BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_tokens", "labels")
+
     def _batch(self, batch):
+        unknown = sorted(set(batch) - set(self.BATCH_KEYS))
+        if unknown:
+            raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
+                             f"{', '.join(self.BATCH_KEYS)}")
         xp = self.xp
         out = {"input_ids": self._ids(batch["input_ids"]),
                "attention_mask": xp.asarray(batch["attention_mask"])}

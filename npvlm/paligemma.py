@@ -21,14 +21,15 @@ float32[B, C, R, R] (or `image_tokens` [B, N, D] already encoded), all on the mo
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_host
 from .errors import InputError
-from .gemma import BLOCKS, embed_tokens, key_values, lm_head
+from .gemma import BLOCK_BACKWARDS, BLOCKS, embed_tokens, embed_tokens_backward, key_values, lm_head, lm_head_backward
 from .kv_cache import KVCache, LayerKV
-from .layers import linear, rms_norm, sub
-from .masks import decode_masks, prefill_masks
+from .layers import linear, linear_backward, rms_norm, rms_norm_backward, sub
+from .loss import cross_entropy, cross_entropy_backward, loss_positions, token_weights
+from .masks import decode_step_masks, prefill_masks
 from .rope import prompt_positions, rope_tables
-from .siglip import vision_tower
+from .siglip import vision_tower, vision_tower_backward
 from .trace import layer_saves, record
 
 
@@ -77,6 +78,20 @@ def merge_embeddings(input_ids, image_tokens, p, cfg):
     return h
 
 
+def merge_embeddings_backward(dh, input_ids, image_shape, p, cfg, *, table=True):
+    """Split the gradient of the merged embeddings: the <image> positions go to the image tokens,
+    the others to the embedding rows of their ids (when `table`: the embedding is trained).
+    dh: [B, T, D] -> d_image_tokens [B, N, D], {"weight": [V, D]} or {}"""
+    xp = array_module(dh)
+    is_image = image_positions(input_ids, cfg)
+    d_image = dh[is_image].reshape(image_shape)
+    if not table:
+        return d_image, {}
+    text_only = xp.where(is_image[..., None], 0, dh)                 # image rows are not lookups
+    ids = xp.where(is_image, 0, input_ids) if cfg.image_token_index >= cfg.text.vocab_size else input_ids
+    return d_image, embed_tokens_backward(text_only, ids, p, cfg.text)
+
+
 def decoder(h, layers, cfg, rope, masks, cache=None, *, trace=None, save=None):
     """Run Gemma layers in order. h: [B, T, D] -> [B, T, D]; rope = (cos, sin) for the T
     positions; masks by layer type (`masks.prefill_masks`), chosen per layer (Gemma 2 slides
@@ -88,6 +103,18 @@ def decoder(h, layers, cfg, rope, masks, cache=None, *, trace=None, save=None):
         record(trace, f"text.layer.{i:02d}", h)
         record(trace, f"text.attn.{i:02d}", s and s["self_attn"]["attn"]["probs"])
     return h
+
+
+def decoder_backward(dh, saved, layers, cfg, rope, *, trace=None):
+    """Back through the Gemma layers, last first. dh: [B, T, D] (gradient of the last layer's
+    output) -> dh of the first layer's input, [per-layer grads]. trace: grad.text.layer.NN, the
+    gradient arriving at each layer's output."""
+    backward = BLOCK_BACKWARDS[cfg.model_type]
+    grads = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        record(trace, f"grad.text.layer.{i:02d}", dh)
+        dh, grads[i] = backward(dh, saved["layers"][i], layers[i], cfg, rope)
+    return dh, grads
 
 
 def last_position(h, p, cfg, rope, mask, kv):
@@ -109,8 +136,82 @@ def last_position(h, p, cfg, rope, mask, kv):
 
 
 def final_norm(h, p, cfg, *, save=None):
-    """The decoder's last RMSNorm.  [..., D] -> [..., D]"""
-    return rms_norm(h, **p["norm"], eps=cfg.rms_norm_eps, save=save)
+    """The decoder's last RMSNorm, p = params["text"]["norm"].  [..., D] -> [..., D]"""
+    return rms_norm(h, **p, eps=cfg.rms_norm_eps, save=save)
+
+
+def forward_loss(batch, params, cfg, reduction="example", *, save=None, trace=None):
+    """The training loss of a batch: the whole sequence in one pass under the prefix-LM mask
+    (bidirectional over image + prefix, causal over the suffix), next-token cross-entropy at the
+    positions whose next label is not -100 (npvlm/loss.py), reduced per `reduction`.
+
+    batch: the processor's training dict (input_ids, attention_mask, token_type_ids, labels
+    int[B, T]; pixel_values float32[B, C, R, R]) on the model's backend.
+    save: the root dict of a training pass (npvlm/training.py `save_plan`); `backward` reads it.
+    trace: the forward's stage outputs, and "logits" [n, V] at the loss positions.
+    Returns the loss, a 0-d array."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    xp = array_module(input_ids)
+    rows, cols, targets = loss_positions(to_host(batch["labels"]))                  # host
+    weights = token_weights(rows, input_ids.shape[0], reduction)
+    image_tokens = encode_images(batch["pixel_values"], params, cfg, trace=trace, save=save)
+    text, st = params["text"], sub(save, "text")
+    h = merge_embeddings(input_ids, image_tokens, text["embed_tokens"], cfg)
+    record(trace, "text.embed", h)
+    rope = rope_tables(prompt_positions(attention_mask), cfg.text.head_dim, cfg.text.rope_theta)
+    masks = prefill_masks(attention_mask, batch["token_type_ids"], cfg.text, h.dtype)
+    h = decoder(h, text["layers"], cfg.text, rope, masks, trace=trace, save=st)
+    h = final_norm(h, text["norm"], cfg.text, save=sub(st, "norm"))
+    record(trace, "text.final_norm", h)
+    rows, cols = xp.asarray(rows), xp.asarray(cols)
+    logits = lm_head(h[rows, cols], text["embed_tokens"], cfg.text, save=sub(st, "lm_head"))  # [n, V]
+    record(trace, "logits", logits)
+    loss = cross_entropy(logits, xp.asarray(targets), xp.asarray(weights, dtype=logits.dtype),
+                         save=sub(save, "loss"))
+    if save is not None:
+        save["inputs"] = {"input_ids": input_ids, "rope": rope, "rows": rows, "cols": cols,
+                          "shape": h.shape, "image_shape": image_tokens.shape}
+    return loss
+
+
+def backward(saved, params, cfg, *, trace=None):
+    """The gradient of `forward_loss`'s loss for every trained parameter (those its save plan
+    did not mark frozen), from the loss back to the pixels' first layer; nothing runs into the
+    vision tower when it and the projector are frozen. Returns grads mirroring `params`, with
+    the trained tensors only. trace: "grad." + stage name = the gradient arriving at that
+    stage's output (grad.logits, grad.text.final_norm, grad.text.layer.NN, grad.text.embed,
+    grad.projector, grad.vision.post_norm, grad.vision.layer.NN, grad.vision.embed)."""
+    text, st, inputs = params["text"], saved["text"], saved["inputs"]
+    d_logits = cross_entropy_backward(saved["loss"])
+    record(trace, "grad.logits", d_logits)
+    d_rows, g_head = lm_head_backward(d_logits, st["lm_head"], text["embed_tokens"], cfg.text)
+    xp = array_module(d_rows)
+    dh = xp.zeros(inputs["shape"], dtype=d_rows.dtype)
+    dh[inputs["rows"], inputs["cols"]] = d_rows                       # one loss per position
+    record(trace, "grad.text.final_norm", dh)
+    dh, g_norm = rms_norm_backward(dh, st["norm"], **text["norm"])
+    dh, g_layers = decoder_backward(dh, st, text["layers"], cfg.text, inputs["rope"], trace=trace)
+    record(trace, "grad.text.embed", dh)
+    d_image, g_lookup = merge_embeddings_backward(dh, inputs["input_ids"], inputs["image_shape"],
+                                                  text["embed_tokens"], cfg, table=bool(g_head))
+    g_text = {"layers": g_layers} if any(g_layers) else {}
+    if g_norm:
+        g_text["norm"] = g_norm
+    if g_head:                                   # tied: the lookup's share plus the head's
+        g_text["embed_tokens"] = {"weight": g_head["weight"] + g_lookup["weight"]}
+    grads = {"text": g_text} if g_text else {}
+    if saved.get("projector") is not None:       # something in the projector or vision trains
+        record(trace, "grad.projector", d_image)
+        d_features, g_proj = linear_backward(d_image, saved["projector"], **params["projector"],
+                                             need_dx=saved.get("vision") is not None)
+        if g_proj:
+            grads["projector"] = g_proj
+        if saved.get("vision") is not None:
+            g_vision = vision_tower_backward(d_features, saved["vision"], params["vision"], cfg.vision,
+                                             trace=trace)
+            if g_vision:
+                grads["vision"] = g_vision
+    return grads
 
 
 def check_token_ids(input_ids, cfg):
@@ -163,7 +264,7 @@ def prefill(batch, params, cfg, *, cache=None, logits_for="last", trace=None):
         T = input_ids.shape[1]
         last = (attention_mask * xp.arange(T)).argmax(axis=1)          # last real token per row
         h = h[:, -1] if last_only else h[xp.arange(h.shape[0]), last]  # [B, D]
-    h = final_norm(h, text, cfg.text)
+    h = final_norm(h, text["norm"], cfg.text)
     record(trace, "text.final_norm", h)
     logits = lm_head(h, text["embed_tokens"], cfg.text)
     record(trace, "logits", logits)
@@ -179,10 +280,10 @@ def decode_step(token_ids, cache, params, cfg, *, trace=None):
     rope = rope_tables(cache.next_position[:, None], cfg.text.head_dim, cfg.text.rope_theta)
     key_valid = cache.key_valid[:, :cache.length + 1].copy()
     key_valid[:, -1] = 1                                                           # itself
-    h = decoder(h, text["layers"], cfg.text, rope, decode_masks(key_valid, cfg.text, h.dtype),
+    h = decoder(h, text["layers"], cfg.text, rope, decode_step_masks(key_valid, cfg.text, h.dtype),
                 cache, trace=trace)
     cache.advance(xp.ones((B, 1), xp.int32))
-    logits = lm_head(final_norm(h[:, 0], text, cfg.text), text["embed_tokens"], cfg.text)
+    logits = lm_head(final_norm(h[:, 0], text["norm"], cfg.text), text["embed_tokens"], cfg.text)
     record(trace, "logits", logits)
     return logits
 

@@ -45,3 +45,10 @@ def apply_rope(x, rope):
     x: [B, H, T, E], rope = (cos, sin) [B, 1, T, E] -> [B, H, T, E]"""
     cos, sin = rope
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_backward(dy, rope):
+    """y = x cos + rotate_half(x) sin is linear in x, and rotate_half^T = -rotate_half, so
+    dx = dy cos - rotate_half(dy sin).  dy: [B, H, T, E] -> dx [B, H, T, E]"""
+    cos, sin = rope
+    return dy * cos - rotate_half(dy * sin)

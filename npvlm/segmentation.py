@@ -228,7 +228,7 @@ def _check_codes(codes):
     return codes
 
 
-def decode_masks(codes, vae, trace=None):
+def decode_masks(codes, vae, *, trace=None):
     """<seg> codes -> 64x64 mask logits, big_vision `reconstruct_masks`.
 
     codes: int[B, 16] in 0..127 (a row is one object's `DetectedObject.seg`), host or device;

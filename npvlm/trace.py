@@ -17,12 +17,20 @@ import numpy as np
 from .backend import to_host
 
 
+def vision_stage_names(n_layers):
+    """The vision tower's traced stage outputs, in forward order."""
+    return ["vision.embed"] + [f"vision.layer.{i:02d}" for i in range(n_layers)] + ["vision.post_norm"]
+
+
+def text_stage_names(n_layers):
+    """The decoder's traced stage outputs, in forward order."""
+    return ["text.embed"] + [f"text.layer.{i:02d}" for i in range(n_layers)] + ["text.final_norm", "logits"]
+
+
 def stage_names(n_vision_layers, n_text_layers):
     """Every traced stage output in forward order (the attention maps aside): the list that
     tests, goldens and notebooks compare."""
-    return (["vision.embed"] + [f"vision.layer.{i:02d}" for i in range(n_vision_layers)]
-            + ["vision.post_norm", "projector", "text.embed"]
-            + [f"text.layer.{i:02d}" for i in range(n_text_layers)] + ["text.final_norm", "logits"])
+    return vision_stage_names(n_vision_layers) + ["projector"] + text_stage_names(n_text_layers)
 
 # fp32 parity tolerances, as transformers' own tests use: |ours - ref| <= atol' + rtol * |ref|,
 # where atol' = ATOL * max(1, max|ref|) over the stage. Why scale atol: an fp32 activation is a
@@ -59,7 +67,7 @@ class StageDiff:
 
     def __str__(self):
         tag = "OK  " if self.ok else "FAIL"
-        return (f"[{tag}] {self.name:<18} {str(self.shape):<16} max|Δ|={self.max_abs:.3e} "
+        return (f"[{tag}] {self.name:<26} {str(self.shape):<18} max|Δ|={self.max_abs:.3e} "
                 f"max rel={self.max_rel:.3e} (atol {self.atol:.1e})")
 
 

@@ -57,7 +57,7 @@ def cases():
     for channels in (3, 4):
         a = np.asarray(random_rgba(17, 9, seed=channels))[..., :channels].copy()
         out[f"array_{channels}ch_17x9"] = ("array", a, TARGET)
-    scene = np.fromfile(ROOT / "npvlm" / "samples" / "scene.png", np.uint8)
+    scene = np.fromfile(ROOT / "npvlm" / "demo" / "samples" / "scene.png", np.uint8)
     out["png_sample_scene_64"] = ("png", scene, 64)           # the demo model's input size
     out["png_sample_scene_224"] = ("png", scene, 224)         # PaliGemma-224's
     return out

@@ -18,7 +18,7 @@ CELL_TIMEOUT_S = 120
 BUDGET_S = 120          # each notebook must run on a CPU in under two minutes
 MAX_IPYNB_BYTES = 300_000
 INSTALL = "pip install -e '.[notebooks]'"
-DEMO_CONFIG = ROOT / "npvlm" / "demo_model" / "config.json"
+DEMO_CONFIG = ROOT / "npvlm" / "demo" / "model" / "config.json"
 REBUILD = "python notebooks/build.py"
 
 nbformat = pytest.importorskip("nbformat", reason=f"nbformat not installed: {INSTALL}")

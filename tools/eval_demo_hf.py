@@ -41,7 +41,7 @@ def hf_predict(hf, processor, scenes, items, batch_size=64, max_new_tokens=48):
 def main():
     from transformers import PaliGemmaForConditionalGeneration
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=str(ROOT / "npvlm" / "demo_model"))
+    p.add_argument("--model", default=str(ROOT / "npvlm" / "demo" / "model"))
     p.add_argument("--scenes", type=int, default=300)
     args = p.parse_args()
     torch.set_num_threads(2)

@@ -34,7 +34,7 @@ from npvlm.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
-OUT = ROOT / "npvlm" / "demo_model"
+OUT = ROOT / "npvlm" / "demo" / "model"
 SEED = 20261127
 VAL_SEED = 20261128
 SCENE_SIZE = 128
