@@ -3,22 +3,23 @@
 The format (huggingface/safetensors README, "Format"): an 8-byte little-endian header length N,
 N bytes of JSON `{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, ...}`
 (plus an optional string-valued `__metadata__`), then every tensor's bytes, row-major and
-little-endian. The package checks the header in Rust (length, JSON, offsets that tile the data
-exactly) and reads one tensor at a time; with ml_dtypes installed it returns BF16 as
-`ml_dtypes.bfloat16`, which widens to fp32 exactly. What this module adds: every failure
-becomes one `CheckpointError` line naming the file (and the tensor, where one is to blame), and
-only float tensors are accepted.
+little-endian. The package checks the header in Rust (length, JSON, dtypes and shapes against
+offsets that tile the data exactly) and gives the tensor names, dtypes and shapes. What this
+module adds: every failure becomes one `CheckpointError` line naming the file (and the tensor,
+where one is to blame); only float tensors are accepted; and each tensor's bytes, at the offsets
+the package has checked, are read straight into the array that keeps them (`readinto`), one
+tensor at a time. BF16 widens to fp32 exactly through `ml_dtypes.bfloat16`.
 
-Reads go through `pread` rather than a memory map: a mapped file's pages count as the process's
-own memory while it is open, which would add the checkpoint's size to the peak (measured,
-docs/performance.md).
+Why not the package's own `get_tensor`: on the 3B-224 checkpoint it loaded 2.7x slower (its
+`pread` path allocates and copies each tensor twice) or held a whole shard's pages in the
+process's memory on top of the weights (its memory map), docs/performance.md "Loading".
 """
 
 import json
 import os
 import struct
 
-import ml_dtypes  # noqa: F401 (registers bfloat16 with NumPy: the package needs it to read BF16)
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -56,22 +57,21 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self.label = os.path.basename(self.path)
         try:
-            try:
-                self._file = safe_open(self.path, framework="np", backend="pread")
-            except TypeError:          # safetensors < 0.8 has memory-mapped reads only
-                self._file = safe_open(self.path, framework="np")
+            with safe_open(self.path, framework="np") as checked:       # the package's checks
+                pieces = {name: checked.get_slice(name) for name in checked.keys()}
+                self._info = {name: (p.get_dtype(), tuple(p.get_shape())) for name, p in pieces.items()}
         except SafetensorError as e:
             raise CheckpointError(f"{self.label}: {self._reason(str(e))}") from None
         except OSError as e:
             raise CheckpointError(f"{self.label}: cannot open the file ({e.strerror or e})") from None
-        self._info = {}
-        for name in self._file.keys():
-            piece = self._file.get_slice(name)
-            self._info[name] = (piece.get_dtype(), tuple(piece.get_shape()))
-            if self._info[name][0] not in FLOAT_DTYPES:
-                raise CheckpointError(f"{self.label}: tensor {name!r} has unsupported dtype "
-                                      f"{self._info[name][0]!r}; npvlm reads float weights only "
-                                      f"({', '.join(FLOAT_DTYPES)})")
+        for name, (dtype, _) in self._info.items():
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{self.label}: tensor {name!r} has unsupported dtype {dtype!r}; "
+                                      f"npvlm reads float weights only ({', '.join(FLOAT_DTYPES)})")
+        self._file = open(self.path, "rb", buffering=0)
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        self._start = {name: 8 + n + entry["data_offsets"][0]        # offsets the package checked
+                       for name, entry in json.loads(self._file.read(n)).items() if name in self._info}
 
     def _reason(self, message):
         """The package's message in the user's terms, naming the tensor to blame if there is one."""
@@ -92,24 +92,32 @@ class SafetensorsFile:
         return self._info[name][0]
 
     def nbytes(self, name):
-        return int(np.prod(self.shape(name))) * np.dtype(_NUMPY[self.dtype(name)]).itemsize
+        return int(np.prod(self.shape(name))) * _NUMPY[self.dtype(name)].itemsize
 
     def _get(self, name):
-        try:
-            return self._file.get_tensor(name)
-        except SafetensorError as e:       # e.g. the file changed on disk since it was opened
-            raise CheckpointError(f"{self.label}: tensor {name!r}: {e}") from None
+        """The stored tensor, in a fresh array of its stored dtype (BF16 as ml_dtypes.bfloat16)."""
+        out = np.empty(self.shape(name), dtype=_NUMPY[self.dtype(name)])
+        self._file.seek(self._start[name])
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < out.nbytes:          # a raw read may return less than asked
+            got = self._file.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.label}: tensor {name!r}: the file ended early; it "
+                                      "changed while it was being read")
+            done += got
+        return out
 
     def read(self, name):
         """The tensor as a writable float32 array of its stored shape (BF16, F16 widened exactly)."""
-        return self._get(name).astype(np.float32)
+        x = self._get(name)
+        return x if x.dtype == np.float32 else x.astype(np.float32)
 
     def read_bits(self, name):
         """A BF16 tensor's stored bits, uint16 (to keep it in bfloat16: npvlm/bf16.py)."""
         return self._get(name).view(np.uint16)
 
     def close(self):
-        self._file.__exit__(None, None, None)
+        self._file.close()
 
     def __enter__(self):
         return self
@@ -118,7 +126,8 @@ class SafetensorsFile:
         self.close()
 
 
-_NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64}
+_NUMPY = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),
+          "F64": np.dtype("<f8")}
 
 
 def _named_tensor(message):
