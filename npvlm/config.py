@@ -27,7 +27,7 @@ class VisionConfig:
     intermediate_size: int    # F_v: 4304 for So400m
     num_hidden_layers: int
     num_attention_heads: int
-    image_size: int           # S: square input side in pixels (224 / 448 / 896)
+    image_size: int           # R: square input side in pixels (224 / 448 / 896)
     patch_size: int           # P: 14
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
@@ -39,7 +39,7 @@ class VisionConfig:
 
     @property
     def num_patches(self):
-        """N: image tokens per image, (S // P)^2, as SigLIP computes it (not `num_positions`)."""
+        """N: image tokens per image, (R // P)^2, as SigLIP computes it (not `num_positions`)."""
         return self.grid_size ** 2
 
     @property

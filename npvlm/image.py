@@ -1,9 +1,10 @@
 """Images in: loading (any file Pillow reads, a PIL image, or an array) and SigLIP preprocessing.
 
-Axis letters: H, W input height/width; S model image side (224/448/896); B batch; C = 3 channels.
+Axes (npvlm/layers.py): H, W input height/width; R model image side (224/448/896); B batch;
+C = 3 channels.
 
 `preprocess` gives what HF transformers 5.24 `SiglipImageProcessorPil` gives (docs/spec.md §4.1):
-PIL bicubic resize to S x S in uint8, then `x * (1/255)` in float64 -> float32, then
+PIL bicubic resize to R x R in uint8, then `x * (1/255)` in float64 -> float32, then
 `(x - 0.5) / 0.5`, channels first. (HF's default `SiglipImageProcessor` in 5.x is the torchvision
 backend, whose resize differs slightly; the PIL class is the one that matches the v4 pipeline.)
 
@@ -213,7 +214,7 @@ def load_image(src, *, allow_huge=False):
 # ---- preprocessing --------------------------------------------------------------------------
 
 def preprocess(image, size):
-    """One image (anything `load_image` takes) -> float32[3, S, S] in [-1, 1], S = `size`.
+    """One image (anything `load_image` takes) -> float32[3, R, R] in [-1, 1], R = `size`.
 
     Matches HF `SiglipImageProcessorPil` (PilBackend.resize/rescale/normalize): the aspect ratio
     is not kept (squashed to a square, no crop), and PIL rounds and clips the bicubic result
@@ -223,14 +224,14 @@ def preprocess(image, size):
         raise InputError(f"image size must be a positive integer, got {size!r}")
     img = load_image(image)
     x = np.asarray(img.resize((size, size), resample=Image.Resampling.BICUBIC,
-                              reducing_gap=None))                    # uint8 [S, S, C]
+                              reducing_gap=None))                    # uint8 [R, R, C]
     x = (x.astype(np.float64) * RESCALE).astype(np.float32)         # HF rescale: fp64, then fp32
     x = (x - MEAN) / STD                                             # HF normalize, in fp32
-    return np.ascontiguousarray(x.transpose(2, 0, 1))                # [S, S, C] -> [C, S, S]
+    return np.ascontiguousarray(x.transpose(2, 0, 1))                # [R, R, C] -> [C, R, R]
 
 
 def preprocess_batch(images, size):
-    """A list of images -> float32[B, 3, S, S]."""
+    """A list of images -> float32[B, 3, R, R]."""
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
     images = list(images)

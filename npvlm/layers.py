@@ -7,7 +7,8 @@ The axis legend, used by every shape comment in npvlm (docs/architecture.md repe
     C  image channels (3)            R  model image side in pixels (224 / 448 / 896)
     P  patch side (14)               N  image tokens per image, (R / P)^2
     H, W  height and width of an input image or mask, in pixels
-    D  width (model dimension)       F  MLP width               V  vocabulary
+    D  width (model dimension; D_v the vision tower's where both appear)
+    F  MLP width                     V  vocabulary
     Hq query heads    Hk key/value heads    G = Hq / Hk query heads per K/V head    E  head dim
     O, I  output and input features of a weight matrix [O, I] (PyTorch's Linear layout)
 

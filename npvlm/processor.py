@@ -2,7 +2,7 @@
 the tokenizer's `padding_side="left"` (docs/spec.md §5.2).
 
 Axis letters: B batch (one image per prompt), T sequence (image tokens + bos + prompt + "\\n"
-[+ suffix + eos]), S image side.
+[+ suffix + eos]), R image side (npvlm/layers.py).
 """
 
 from pathlib import Path
@@ -31,7 +31,7 @@ class Processor:
         input_ids       int64[B, T]   left-padded with the pad id (the convention for generation)
         attention_mask  int64[B, T]   1 on tokens (image tokens included), 0 on padding
         token_type_ids  int64[B, T]   1 on suffix + eos tokens, 0 elsewhere (padding included)
-        pixel_values    float32[B, 3, S, S] in [-1, 1]
+        pixel_values    float32[B, 3, R, R] in [-1, 1]
     """
 
     def __init__(self, tokenizer, cfg):
@@ -84,7 +84,7 @@ class Processor:
             "input_ids": left_pad(ids, self.tokenizer.pad_id),               # [B, T]
             "attention_mask": left_pad([[1] * len(r) for r in ids], 0),      # [B, T]
             "token_type_ids": left_pad([r[1] for r in rows], 0),             # [B, T]
-            "pixel_values": preprocess_batch(images, self.image_size),       # [B, 3, S, S]
+            "pixel_values": preprocess_batch(images, self.image_size),       # [B, 3, R, R]
         }
 
     def __repr__(self):
