@@ -43,12 +43,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.attention import attention
+from npvlm.attention import attention, split_heads
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import make_scene
 from npvlm.image import preprocess
 from npvlm.layers import gelu_tanh, layer_norm, linear, softmax
-from npvlm.siglip import encoder_layer, mlp, patch_embed, self_attention, split_heads, vision_tower
+from npvlm.siglip import encoder_layer, mlp, patch_embed, self_attention, vision_tower
 from npvlm.trace import compare, compare_stages, vision_stage_names
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
@@ -87,7 +87,7 @@ print(compare("LN = plain * gamma + beta", x, plain * ln1["weight"] + ln1["bias"
 # ## 2. Multi-head attention
 #
 # Project to queries, keys and values, split the width into $H_q$ heads (an array axis, never a
-# Python loop, `siglip.split_heads`), and let every patch attend to every patch. The attention
+# Python loop, `attention.split_heads`), and let every patch attend to every patch. The attention
 # weights are computed here by hand from the same parameters; `npvlm.attention.attention` keeps
 # its own when given a dict `save` (it stores q, k, v and `probs` there), which is how a trace
 # records them.

@@ -12,7 +12,19 @@ Query head j reads K/V head j // G (HF `repeat_kv` order), done by reshaping the
 groups, so K and V are never copied per head.
 """
 
-from .layers import softcap, softcap_backward, softmax, softmax_backward
+from .layers import linear_backward, softcap, softcap_backward, softmax, softmax_backward
+
+
+def split_heads(y, n_heads):
+    """[B, T, H*E] -> [B, H, T, E]"""
+    B, T, _ = y.shape
+    return y.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(y):
+    """[B, H, T, E] -> [B, T, H*E] (the inverse of split_heads)"""
+    B, H, T, E = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * E)
 
 
 def attention(q, k, v, mask, cfg, *, save=None):
@@ -38,8 +50,7 @@ def attention(q, k, v, mask, cfg, *, save=None):
         save.update(q=q, k=k, v=v, probs=probs.reshape(B, Hq, T, S))  # head hk*G + g, as HF's
         if cfg.attn_logit_softcapping is not None:
             save["capped"] = capped
-    out = (probs @ v).reshape(B, Hq, T, E)                            # [B, Hq, T, E]
-    return out.transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
+    return merge_heads((probs @ v).reshape(B, Hq, T, E))              # [B, T, Hq*E]
 
 
 def attention_backward(dout, saved, cfg):
@@ -57,7 +68,7 @@ def attention_backward(dout, saved, cfg):
     Hk, S = k.shape[1], k.shape[2]
     G = Hq // Hk
     probs = saved["probs"].reshape(B, Hk, G * T, S)
-    d_out = dout.reshape(B, T, Hq, E).transpose(0, 2, 1, 3).reshape(B, Hk, G * T, E)
+    d_out = split_heads(dout, Hq).reshape(B, Hk, G * T, E)
     dv = probs.swapaxes(-1, -2) @ d_out                               # [B, Hk, S, E]
     dscores = softmax_backward(d_out @ v.swapaxes(-1, -2), probs)     # [B, Hk, G*T, S]
     if "capped" in saved:
@@ -66,3 +77,16 @@ def attention_backward(dout, saved, cfg):
     dq = (dscores @ k).reshape(B, Hq, T, E)
     dk = dscores.swapaxes(-1, -2) @ q.reshape(B, Hk, G * T, E)        # [B, Hk, S, E]
     return dq, dk, dv
+
+
+def projections_backward(d_heads, saved, p):
+    """Back through the q/k/v projections into the input they share: d_heads maps "q_proj",
+    "k_proj", "v_proj" to the gradient of their heads [B, H, T, E]. -> dx [B, T, D], grads by
+    projection (the trained ones)."""
+    dx, grads = 0, {}
+    for name, d in d_heads.items():
+        d_in, g = linear_backward(merge_heads(d), saved[name], **p[name])
+        dx = dx + d_in
+        if g:
+            grads[name] = g
+    return dx, grads

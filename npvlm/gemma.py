@@ -15,7 +15,7 @@ Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the nu
 matter are commented where they happen.
 """
 
-from .attention import attention, attention_backward
+from .attention import attention, attention_backward, projections_backward, split_heads
 from .backend import array_module, scatter_add
 from .layers import (
     gelu_tanh,
@@ -29,7 +29,6 @@ from .layers import (
     sub,
 )
 from .rope import apply_rope, apply_rope_backward
-from .siglip import merge_heads, split_heads
 
 
 def embed_tokens(ids, p, cfg):
@@ -79,11 +78,8 @@ def self_attention_backward(dy, saved, p, cfg, rope):
     d_out, g_o = linear_backward(dy, saved["o_proj"], **p["o_proj"])
     dq, dk, dv = attention_backward(d_out, saved["attn"], cfg)
     dq, dk = apply_rope_backward(dq, rope), apply_rope_backward(dk, rope)
-    dx, grads = 0, {"o_proj": g_o}
-    for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
-        d_in, grads[name] = linear_backward(merge_heads(d), saved[name], **p[name])
-        dx = dx + d_in
-    return dx, {k: g for k, g in grads.items() if g}
+    dx, grads = projections_backward({"q_proj": dq, "k_proj": dk, "v_proj": dv}, saved, p)
+    return dx, dict(grads, o_proj=g_o) if g_o else grads
 
 
 def geglu(x, p, *, save=None):

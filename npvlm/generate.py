@@ -72,6 +72,25 @@ def check_generation_args(cfg, prompt_len, max_new_tokens):
 GREEDY = SamplingOptions()
 
 
+def start(model, batch, capacity):
+    """Encode the images and prefill the prompt batch into a new cache of `capacity` tokens.
+    Returns (next-token logits [B, V], cache, timings)."""
+    xp = model.xp
+    t0 = time.perf_counter()
+    image_tokens = None
+    if batch.get("pixel_values") is not None:
+        image_tokens = model.encode_images(batch["pixel_values"])
+        synchronize(xp)
+    t1 = time.perf_counter()
+    cache = model.new_cache(len(batch["input_ids"]), capacity)
+    logits = model.prefill({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                            "image_tokens": image_tokens}, cache=cache)
+    synchronize(xp)
+    timings = dict(image_encode_s=t1 - t0, prefill_s=time.perf_counter() - t1,
+                   prefill_tokens=int(np.size(batch["input_ids"])))
+    return logits, cache, timings
+
+
 def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None, on_step=None):
     """Generate up to `max_new_tokens` per row of a left-padded batch (host NumPy arrays:
     input_ids, attention_mask, optional pixel_values).
@@ -81,55 +100,36 @@ def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None,
     on_step(t, ids, active) -> bool[B] or None: called with the host ids chosen at step t and
     the rows still running; may return rows to stop (stop strings, streaming).
     """
-    cfg, xp = model.cfg, model.xp
     B, T = np.shape(batch["input_ids"])
-    check_generation_args(cfg, T, max_new_tokens)
+    check_generation_args(model.cfg, T, max_new_tokens)
     rngs = row_generators(options.seed, B)
     stop = np.array(sorted(set(stop_ids or ())), dtype=np.int64)
-    timings = {}
-
     t0 = time.perf_counter()
-    image_tokens = None
-    if batch.get("pixel_values") is not None:
-        image_tokens = model.encode_images(batch["pixel_values"])
-        synchronize(xp)
-    t1 = time.perf_counter()
-    cache = model.new_cache(B, T + max_new_tokens)
-    logits = model.prefill({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                            "image_tokens": image_tokens}, cache=cache)
-    synchronize(xp)
-    t2 = time.perf_counter()
-    timings.update(image_encode_s=t1 - t0, prefill_s=t2 - t1, prefill_tokens=int(B * T))
+    logits, cache, timings = start(model, batch, T + max_new_tokens)
 
-    tokens = np.full((B, max_new_tokens), cfg.pad_token_id, dtype=np.int64)
+    tokens = np.full((B, max_new_tokens), model.cfg.pad_token_id, dtype=np.int64)
     lengths = np.zeros(B, dtype=np.int64)
     finish = ["length"] * B
     active = np.ones(B, dtype=bool)
-    first_token_at = None
     for t in range(max_new_tokens):
         ids = choose(logits, options, rngs)                                 # host int64 [B]
-        if first_token_at is None:
+        if t == 0:
             first_token_at = time.perf_counter()
-        ids[~active] = cfg.pad_token_id
+        ids[~active] = model.cfg.pad_token_id
         tokens[active, t] = ids[active]
         lengths[active] += 1
-        hit_eos = active & np.isin(ids, stop)
-        for row in np.flatnonzero(hit_eos):
-            finish[row] = "eos"
+        ended = active & np.isin(ids, stop)
         requested = on_step(t, ids, active.copy()) if on_step is not None else None
-        if requested is not None:
-            hit_stop = np.asarray(requested) & active & ~hit_eos
-            for row in np.flatnonzero(hit_stop):
-                finish[row] = "stop"
-            hit_eos |= hit_stop
-        active &= ~hit_eos
+        stopped = np.zeros(B, bool) if requested is None else np.asarray(requested) & active & ~ended
+        for row in np.flatnonzero(ended | stopped):
+            finish[row] = "eos" if ended[row] else "stop"
+        active &= ~(ended | stopped)
         if not active.any() or t == max_new_tokens - 1:
             break
         logits = model.decode_step(ids, cache)
-    synchronize(xp)
-    t3 = time.perf_counter()
+    synchronize(model.xp)
     steps = int(lengths.max()) if B else 0
-    timings.update(time_to_first_token_s=first_token_at - t0, decode_s=t3 - first_token_at,
+    timings.update(time_to_first_token_s=first_token_at - t0, decode_s=time.perf_counter() - first_token_at,
                    decode_steps=max(steps - 1, 0))
     timings["decode_tokens_per_s"] = (timings["decode_steps"] / timings["decode_s"]
                                       if timings["decode_steps"] and timings["decode_s"] > 0 else None)

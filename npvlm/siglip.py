@@ -9,7 +9,7 @@ D vision width, F MLP width, Hq heads (= Hk: plain multi-head attention), E = D/
 Follows HF `modeling_siglip.py`; no CLS token, no pooling head (PaliGemma uses every patch).
 """
 
-from .attention import attention, attention_backward
+from .attention import attention, attention_backward, projections_backward, split_heads
 from .layers import gelu_tanh, gelu_tanh_backward, layer_norm, layer_norm_backward, linear, linear_backward, sub
 from .trace import layer_saves, record
 
@@ -41,18 +41,6 @@ def patch_embed_backward(dh, saved, p):
     return grads
 
 
-def split_heads(y, n_heads):
-    """[B, T, H*E] -> [B, H, T, E]"""
-    B, T, _ = y.shape
-    return y.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3)
-
-
-def merge_heads(y):
-    """[B, H, T, E] -> [B, T, H*E] (the inverse of split_heads)"""
-    B, H, T, E = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(B, T, H * E)
-
-
 def self_attention(x, p, cfg, *, save=None):
     """Bidirectional multi-head attention over the patches.  [B, N, D] -> [B, N, D]"""
     H = cfg.num_attention_heads
@@ -68,11 +56,8 @@ def self_attention_backward(dy, saved, p, cfg):
     dy: [B, N, D] -> dx [B, N, D], grads by projection (the trained ones)."""
     d_out, g_out = linear_backward(dy, saved["out_proj"], **p["out_proj"])
     dq, dk, dv = attention_backward(d_out, saved["attn"], cfg)
-    dx, grads = 0, {"out_proj": g_out}
-    for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
-        d_in, grads[name] = linear_backward(merge_heads(d), saved[name], **p[name])
-        dx = dx + d_in
-    return dx, {k: g for k, g in grads.items() if g}
+    dx, grads = projections_backward({"q_proj": dq, "k_proj": dk, "v_proj": dv}, saved, p)
+    return dx, dict(grads, out_proj=g_out) if g_out else grads
 
 
 def mlp(x, p, *, save=None):
