@@ -38,6 +38,13 @@ def _trained(saved):
     return saved is not None and not saved.get("frozen")
 
 
+def _requested(grads, saved):
+    """Only the parameters the save plan asks for: {"only": names} marks a module trained in
+    part (e.g. a weight without its bias)."""
+    only = saved.get("only") if saved is not None else None
+    return grads if only is None else {k: v for k, v in grads.items() if k in only}
+
+
 def _rows(a):
     """[..., n] -> [rows, n]: every leading axis is a row (a batch of vectors)."""
     return a.reshape(-1, a.shape[-1])
@@ -47,7 +54,8 @@ def linear(x, weight, bias=None, *, save=None):
     """x @ W^T + b, with W in PyTorch's Linear layout [O, I], as in the checkpoint, so every weight
     equals HF's tensor. The transpose is a free view: BLAS reads W^T directly, at the speed of a
     pre-transposed copy. W may be any matrix type that supports `x @ W.T` (npvlm/bf16.py).
-    save: keeps x for the weight gradient, unless the dict says {"frozen": True}.
+    save: keeps x for the weight gradient, unless the dict says {"frozen": True}
+    ({"only": ("weight",)}: the bias is frozen).
     # [..., I] -> [..., O]"""
     if save is not None and not save.get("frozen"):
         save["x"] = x
@@ -67,7 +75,7 @@ def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
         grads["weight"] = _rows(dy).T @ _rows(saved["x"])               # [O, R] @ [R, I]
         if bias is not None:
             grads["bias"] = _rows(dy).sum(axis=0)
-    return dx, grads
+    return dx, _requested(grads, saved)
 
 
 def layer_norm(x, weight, bias, eps, *, save=None):
@@ -94,7 +102,7 @@ def layer_norm_backward(dy, saved, weight, bias):
     grads = {}
     if _trained(saved):
         grads = {"weight": _rows(dy * n).sum(axis=0), "bias": _rows(dy).sum(axis=0)}
-    return dx, grads
+    return dx, _requested(grads, saved)
 
 
 def rms_norm(x, weight, eps, *, save=None):

@@ -74,8 +74,9 @@ class PaliGemma:
         xp = self.xp
         out = {"input_ids": self._ids(batch["input_ids"]),
                "attention_mask": xp.asarray(batch["attention_mask"])}
-        if batch.get("token_type_ids") is not None:
-            out["token_type_ids"] = xp.asarray(batch["token_type_ids"])
+        for key in ("token_type_ids", "labels"):
+            if batch.get(key) is not None:
+                out[key] = xp.asarray(batch[key])
         if batch.get("pixel_values") is not None:
             out["pixel_values"] = xp.asarray(batch["pixel_values"], dtype=xp.float32)
         if batch.get("image_tokens") is not None:

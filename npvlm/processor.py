@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 from .image import preprocess_batch
+from .loss import IGNORE
 from .tokenizer import Tokenizer
 
 
@@ -32,6 +33,8 @@ class Processor:
         attention_mask  int64[B, T]   1 on tokens (image tokens included), 0 on padding
         token_type_ids  int64[B, T]   1 on suffix + eos tokens, 0 elsewhere (padding included)
         pixel_values    float32[B, 3, R, R] in [-1, 1]
+        labels          int64[B, T]   with suffixes (training): the ids of the suffix + eos
+                                      tokens, -100 elsewhere (as HF's processor gives them)
     """
 
     def __init__(self, tokenizer, cfg):
@@ -80,12 +83,15 @@ class Processor:
         N = self.cfg.num_image_tokens
         rows = [self.tokenizer.prompt_ids(p, N, s) for p, s in zip(prompts, suffixes)]
         ids = [r[0] for r in rows]
-        return {
+        out = {
             "input_ids": left_pad(ids, self.tokenizer.pad_id),               # [B, T]
             "attention_mask": left_pad([[1] * len(r) for r in ids], 0),      # [B, T]
             "token_type_ids": left_pad([r[1] for r in rows], 0),             # [B, T]
             "pixel_values": preprocess_batch(images, self.image_size),       # [B, 3, R, R]
         }
+        if any(s is not None for s in suffixes):
+            out["labels"] = np.where(out["token_type_ids"] == 1, out["input_ids"], IGNORE)
+        return out
 
     def __repr__(self):
         return (f"Processor({self.tokenizer!r}, image {self.image_size}px, "

@@ -73,7 +73,8 @@ class StageDiff:
 
 def compare(name, ours, ref, atol=ATOL, rtol=RTOL, where=None):
     """Compare one stage. `where` (bool, broadcastable to the arrays' leading axes) selects the
-    entries that are meaningful, e.g. real tokens only, not left padding."""
+    entries that are meaningful, e.g. real tokens only, not left padding. The absolute
+    tolerance is atol * max(1, max|ref|) (see ATOL), or atol(max|ref|) for a function."""
     ours = np.asarray(to_host(ours), dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if ours.shape != ref.shape:
@@ -83,12 +84,25 @@ def compare(name, ours, ref, atol=ATOL, rtol=RTOL, where=None):
         where = np.asarray(where, bool)
         sel = np.broadcast_to(where.reshape(where.shape + (1,) * (ref.ndim - where.ndim)), ref.shape)
         ours, ref = ours[sel], ref[sel]
-    atol = atol * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+    ref_max = float(np.abs(ref).max()) if ref.size else 0.0
+    atol = atol(ref_max) if callable(atol) else atol * max(1.0, ref_max)
     diff = np.abs(ours - ref)
     ok = bool(np.isfinite(ours).all() and (diff <= atol + rtol * np.abs(ref)).all())
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / (np.abs(ref) + atol)).max()) if diff.size else 0.0
     return StageDiff(name, shape, max_abs, max_rel, ok, atol)
+
+
+GRAD_ATOL = 1e-5      # x the tensor's own max |ref|: gradients are small, so no floor of 1
+
+
+def compare_grad(name, ours, ref, noise=0.0, rtol=RTOL, where=None):
+    """Compare a gradient: |ours - ref| <= atol + rtol |ref|, with atol = GRAD_ATOL * max|ref|,
+    or twice `noise` (the reference's own fp32-vs-fp64 error on this tensor) where that is
+    larger: a tensor that needs more tolerance must show that the reference is that far off
+    the exact value itself (e.g. a gradient that is zero in exact arithmetic)."""
+    return compare(name, ours, ref, atol=lambda ref_max: max(GRAD_ATOL * ref_max, 2.0 * float(noise)),
+                   rtol=rtol, where=where)
 
 
 def compare_stages(ours, golden, names, atol=ATOL, rtol=RTOL, where=None, printer=print):

@@ -61,6 +61,40 @@ def canonical_name(key):
     return key
 
 
+# hub name prefix -> parameter tree path prefix (the tree drops nesting that carries no meaning)
+TREE_PREFIXES = [
+    (VISION + "embeddings.position_embedding.weight", "vision.position_embedding"),
+    (VISION + "embeddings.", "vision."),
+    (VISION + "encoder.", "vision."),
+    (VISION, "vision."),
+    (PROJECTOR + "linear.", "projector."),
+    (TEXT, "text."),
+]
+
+
+def tree_name(hub):
+    """The dotted path in the parameter tree of a canonical (hub) tensor name:
+    "language_model.model.layers.3.mlp.up_proj.weight" -> "text.layers.3.mlp.up_proj.weight"."""
+    for prefix, path in TREE_PREFIXES:
+        if hub.startswith(prefix):
+            return path + hub[len(prefix):]
+    raise KeyError(f"{hub!r} is not a PaliGemma parameter name")
+
+
+def hub_name(path):
+    """The inverse of `tree_name`: a parameter tree path -> its canonical hub name."""
+    if path == "vision.position_embedding":
+        return VISION + "embeddings.position_embedding.weight"
+    if path.startswith("vision.patch_embedding."):
+        return VISION + "embeddings." + path[len("vision."):]
+    if path.startswith("vision.layers."):
+        return VISION + "encoder." + path[len("vision."):]
+    for prefix, tree in ((VISION, "vision."), (PROJECTOR + "linear.", "projector."), (TEXT, "text.")):
+        if path.startswith(tree):
+            return prefix + path[len(tree):]
+    raise KeyError(f"{path!r} is not a parameter tree path")
+
+
 def skip_reason(name):
     for pattern, why in SKIP_RULES:
         if re.search(pattern, name):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
 GOLDEN_FORMAT_VERSION = 1
 REGENERATE = "python tests/make_goldens.py  (needs: pip install -e '.[reference]')"
+REGENERATE_GRADS = "python tests/make_grad_goldens.py  (needs: pip install -e '.[reference]')"
 GOLDEN_MODELS = ("pg1_mqa_hub", "pg1_gqa_v5", "pg2_gqa_hub", "pg2_gqa_v5")
 FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]   # parametrize ids for `backend`
@@ -118,6 +119,25 @@ class Golden:
     def batch(self):
         """The golden inputs as a batch dict (npvlm.paligemma)."""
         return {k: self.arrays[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
+
+
+class GradGolden:
+    """One gradient golden set (tests/make_grad_goldens.py): the padded batch, losses, every
+    parameter's gradient, the stage gradients and the fp32-vs-fp64 noise floors."""
+
+    def __init__(self, name):
+        path = GOLDENS / name / "grads.npz"
+        if not path.is_file():
+            pytest.fail(f"{path} missing; regenerate with: {REGENERATE_GRADS}")
+        with np.load(path) as data:
+            self.arrays = {k: data[k] for k in data.files}
+        self.name = name
+        self.batch = {k[len("batch."):]: v for k, v in self.arrays.items() if k.startswith("batch.")}
+        self.grads = {k[len("grad."):]: v for k, v in self.arrays.items() if k.startswith("grad.")}
+        self.stages = {k[len("stage."):]: v for k, v in self.arrays.items() if k.startswith("stage.")}
+
+    def noise(self, key):
+        return float(self.arrays.get(f"noise.{key}", 0.0))
 
 
 # ---- a random-weight model folder, NumPy only (not a golden: nothing here claims an output) -----

@@ -55,6 +55,40 @@ DEFAULT_INIT = {
 }
 
 
+# Shapes that differ from the committed goldens: MHA (kv heads = heads), an odd vision width,
+# a 3x3 patch grid, a head_dim different from hidden/heads, more layers.
+LIVE_SPECS = {
+    "mha_42px": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 24, "intermediate_size": 40,
+                   "num_hidden_layers": 2, "num_attention_heads": 3},
+        "text": {"model_type": "gemma", "hidden_size": 48, "intermediate_size": 80,
+                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+                 "head_dim": 8, "vocab_size": 200, "max_position_embeddings": 96},
+        "image_token_index": 199, "newline_id": 108,
+    },
+    "gqa_4to2_28px": {
+        "vision": {"image_size": 28, "patch_size": 14, "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 3, "num_attention_heads": 2},
+        "text": {"model_type": "gemma", "hidden_size": 32, "intermediate_size": 64,
+                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 12, "vocab_size": 256, "max_position_embeddings": 96},
+        "image_token_index": 255, "newline_id": 108,
+    },
+    # PaliGemma 2: Gemma 2 decoder, GQA 6->3, sliding window 5 < prompt, caps that bite
+    "gemma2_gqa_42px": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 24, "intermediate_size": 40,
+                   "num_hidden_layers": 2, "num_attention_heads": 3},
+        "text": {"model_type": "gemma2", "hidden_size": 48, "intermediate_size": 80,
+                 "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
+                 "head_dim": 8, "query_pre_attn_scalar": 10, "attn_logit_softcapping": 4.0,
+                 "final_logit_softcapping": 2.5, "sliding_window": 5, "vocab_size": 200,
+                 "max_position_embeddings": 96},
+        "image_token_index": 199, "newline_id": 108, "n_suffix": 3,
+        "init": {"final_norm_gain": 3.0},
+    },
+}
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -335,6 +369,113 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
             h.remove()
     out["logits"] = _to_numpy(result.logits)
     return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_training_examples(spec: dict, seed: int, lengths=((6, 5), (3, 2), (4, 7))) -> list[dict]:
+    """Training examples in the PaliGemma layout, each a batch of one without padding:
+    ``[img]*N + [bos] + p prefix ids + [newline] + s suffix ids + [eos]`` for each (p, s) in
+    ``lengths``; ``token_type_ids`` 1 on the suffix and eos, ``labels`` the ids there and -100
+    elsewhere (as HF's processor gives them); pixel values uniform in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    n_img, vocab = num_image_tokens(spec), spec["text"]["vocab_size"]
+    special = {PAD_ID, EOS_ID, BOS_ID, spec["image_token_index"], newline_id(spec)}
+    pool = np.array([i for i in range(vocab) if i not in special])
+    side = spec["vision"]["image_size"]
+    out = []
+    for p, s in lengths:
+        prefix = [spec["image_token_index"]] * n_img + [BOS_ID] + rng.choice(pool, p).tolist() + [newline_id(spec)]
+        suffix = rng.choice(pool, s).tolist() + [EOS_ID]
+        ids = np.array([prefix + suffix])
+        types = np.array([[0] * len(prefix) + [1] * len(suffix)])
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": types,
+                    "labels": np.where(types == 1, ids, -100),
+                    "pixel_values": rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)})
+    return out
+
+
+def left_padded(examples: list[dict]) -> dict[str, np.ndarray]:
+    """The examples as one left-padded batch: pad id 0, attention mask 0, type 0, label -100."""
+    T = max(e["input_ids"].shape[1] for e in examples)
+    fill = {"input_ids": PAD_ID, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    batch = {k: np.full((len(examples), T), v, np.int64) for k, v in fill.items()}
+    for b, e in enumerate(examples):
+        n = e["input_ids"].shape[1]
+        for k in fill:
+            batch[k][b, T - n:] = e[k][0]
+    batch["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples])
+    return batch
+
+
+def example_weights(examples: list[dict], reduction: str) -> list[float]:
+    """The weight of each example's mean suffix loss in the batch loss: 1/B for "example", its
+    share of the batch's predicted tokens for "token"."""
+    counts = [int((e["labels"][0, 1:] != -100).sum()) for e in examples]
+    return [1 / len(examples)] * len(examples) if reduction == "example" else [c / sum(counts) for c in counts]
+
+
+def _stage_gradient_hooks(model, got: dict) -> list:
+    """Hooks that put the gradient arriving at each stage output into `got`, by npvlm's names."""
+    vt = model.model.vision_tower
+    vt = getattr(vt, "vision_model", vt)
+    lm = model.model.language_model
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            _first_tensor(output).register_hook(lambda g: got.__setitem__(name, _to_numpy(g)[0]))
+        return hook
+
+    def keep_input(name):
+        def hook(_module, args, kwargs):
+            (args[0] if args else kwargs["hidden_states"]).register_hook(
+                lambda g: got.__setitem__(name, _to_numpy(g)[0]))
+        return hook
+
+    handles = [vt.embeddings.register_forward_hook(keep("grad.vision.embed"))]
+    handles += [layer.register_forward_hook(keep(f"grad.vision.layer.{i:02d}")) for i, layer in enumerate(vt.encoder.layers)]
+    handles.append(vt.post_layernorm.register_forward_hook(keep("grad.vision.post_norm")))
+    handles.append(model.model.multi_modal_projector.register_forward_hook(keep("grad.projector")))
+    handles.append(lm.layers[0].register_forward_pre_hook(keep_input("grad.text.embed"), with_kwargs=True))
+    handles += [layer.register_forward_hook(keep(f"grad.text.layer.{i:02d}")) for i, layer in enumerate(lm.layers)]
+    handles.append(lm.norm.register_forward_hook(keep("grad.text.final_norm")))
+    return handles
+
+
+def _backward_one(model, example: dict, weight: float):
+    """w * (HF's labels= loss of one example), backward; -> (its loss, its stage gradients)."""
+    got: dict[str, np.ndarray] = {}
+    handles = _stage_gradient_hooks(model, got)
+    try:
+        ids, mask, tti, pix = _tensors(example["input_ids"], example["attention_mask"],
+                                       example["token_type_ids"], example["pixel_values"])
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=tti, pixel_values=pix.to(model.dtype),
+                    position_ids=position_ids_from_mask(mask), labels=torch.as_tensor(example["labels"]),
+                    use_cache=False)
+        out.logits.register_hook(lambda g: got.__setitem__("grad.logits", _to_numpy(g)[0]))
+        (weight * out.loss).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return float(out.loss.detach()), got
+
+
+def training_reference(model, examples: list[dict], reduction: str):
+    """Torch autograd reference for npvlm's training loss: every example run alone (no padding,
+    so its positions are what npvlm derives from the attention mask; HF numbers a padded row's
+    positions from the padding), loss = sum_b w_b * (HF's ``labels=`` loss of example b), then
+    ``loss.backward()``. Returns (loss, {HF parameter name: grad}, [per example: {stage: the
+    gradient arriving at that stage's output}] with npvlm's stage names prefixed "grad.")."""
+    model.zero_grad(set_to_none=True)
+    total, stage_grads = 0.0, []
+    for example, w in zip(examples, example_weights(examples, reduction)):
+        loss, got = _backward_one(model, example, w)
+        total += w * loss
+        stage_grads.append(got)
+    grads = {name: p.grad.detach().to(torch.float64).numpy().copy()
+             for name, p in model.named_parameters() if p.grad is not None}
+    return total, grads, stage_grads
 
 
 # ----------------------------------------------------------------------------- generation

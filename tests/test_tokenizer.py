@@ -133,7 +133,8 @@ def test_hf_reads_the_same_vocabulary(tok, hf):
 
 def _hf_row(hf, prompt, suffix=None):
     out = hf(images=blank(), text=prompt, suffix=suffix, return_tensors="np")
-    return {k: out[k][0].tolist() for k in ("input_ids", "attention_mask", "token_type_ids")}
+    keys = ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if suffix is not None else ())
+    return {k: out[k][0].tolist() for k in keys}
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -168,11 +169,14 @@ def test_batch_left_padding_equals_hf(ours, hf):
 
 
 def test_batch_with_suffixes_equals_hf(ours, hf):
-    prompts, suffixes = ["caption en", "detect circle"], ["a red circle", "<loc0001><loc0002> circle"]
+    prompts = ["caption en", "detect circle"]
+    suffixes = ["a red circle, a blue square and a green triangle", "<loc0001><loc0002><loc0003><loc0004> circle"]
     got = ours(blank(2), prompts, suffixes)
     want = hf(images=blank(2), text=prompts, suffix=suffixes, padding="longest", return_tensors="np")
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert got["input_ids"].shape[1] > 0 and (got["labels"][:, 0] == -100).all()      # left padding
+    assert (got["attention_mask"] == 0).any(), "the two rows should differ in length (padding)"
 
 
 FRAGMENTS = list("abcdeéüñ ABCZ\n\t\r.,;?!0123456789<>/_-") + [
