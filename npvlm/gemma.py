@@ -20,6 +20,7 @@ from .backend import array_module, scatter_add
 from .layers import (
     gelu_tanh,
     gelu_tanh_backward,
+    gelu_tanh_inner,
     linear,
     linear_backward,
     rms_norm,
@@ -93,12 +94,13 @@ def geglu(x, p, *, save=None):
 
 def geglu_backward(dy, saved, p):
     """y = down(g u) with g = gelu(gate(x)), u = up(x):  dg = dm u, du = dm g (dm: through
-    down_proj), then back through the GELU and both projections; g is recomputed from what the
-    GELU saved (0.5 x (1 + tanh)). dy: [B, T, D] -> dx [B, T, D], grads by projection."""
+    down_proj), then back through the GELU and both projections; g = 0.5 x (1 + tanh) is
+    recomputed from the GELU's saved input. dy: [B, T, D] -> dx [B, T, D], grads by projection."""
     dm, g_down = linear_backward(dy, saved["down_proj"], **p["down_proj"])
-    gx, gt = saved["gelu"]["x"], saved["gelu"]["tanh"]
-    g = 0.5 * gx * (1.0 + gt)
-    d_gate = gelu_tanh_backward(dm * saved["up"], saved["gelu"])
+    gx = saved["gelu"]["x"]
+    t = gelu_tanh_inner(gx)
+    g = 0.5 * gx * (1.0 + t)
+    d_gate = gelu_tanh_backward(dm * saved["up"], saved["gelu"], tanh=t)
     dx_gate, g_gate = linear_backward(d_gate, saved["gate_proj"], **p["gate_proj"])
     dx_up, g_up = linear_backward(dm * g, saved["up_proj"], **p["up_proj"])
     grads = {"gate_proj": g_gate, "up_proj": g_up, "down_proj": g_down}

@@ -142,7 +142,19 @@ def gelu_tanh(x, *, save=None):
 
     Computed in place in one scratch array: on the MLP activations ([T, F], the largest
     elementwise work in a prefill) each temporary would cost a full pass over memory. Same
-    operations in the same order as the formula, so the same rounding."""
+    operations in the same order as the formula, so the same rounding.
+    save: keeps x (the backward recomputes the tanh: one pass instead of a [T, F] array)."""
+    if save is not None:
+        save["x"] = x
+    t = gelu_tanh_inner(x)
+    t += 1.0
+    t *= x
+    t *= 0.5          # exact (a power of two), so equal to multiplying 0.5 * x first
+    return t
+
+
+def gelu_tanh_inner(x):
+    """tanh(sqrt(2/pi) (x + 0.044715 x^3)), in a new array (computed in place)."""
     xp = array_module(x)
     t = x * x
     t *= x
@@ -150,18 +162,15 @@ def gelu_tanh(x, *, save=None):
     t += x
     t *= _SQRT_2_OVER_PI
     xp.tanh(t, out=t)
-    if save is not None:
-        save.update(x=x, tanh=t.copy())
-    t += 1.0
-    t *= x
-    t *= 0.5          # exact (a power of two), so equal to multiplying 0.5 * x first
     return t
 
 
-def gelu_tanh_backward(dy, saved):
+def gelu_tanh_backward(dy, saved, tanh=None):
     """y = 0.5 x (1 + t), t = tanh(u), u = c (x + a x^3), c = sqrt(2/pi), a = 0.044715:
-    dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2).  dy: [...] -> dx [...]"""
-    x, t = saved["x"], saved["tanh"]
+    dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2). `tanh`: t, when the caller has
+    computed it already (else recomputed from the saved x).  dy: [...] -> dx [...]"""
+    x = saved["x"]
+    t = gelu_tanh_inner(x) if tanh is None else tanh
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x))
 
 

@@ -1,0 +1,159 @@
+"""Benchmark one training step (forward + backward) of npvlm against PyTorch autograd.
+
+    python tools/bench_train.py                    # mid model (all trained), 3B-224 (attention only)
+    python tools/bench_train.py --cases mid-all --repeats 2
+    python tools/bench_train.py --backend cupy --hf-device cuda    # on a GPU machine
+
+On the bench checkpoints of tools/bench.py (random weights, official hub layout, BF16): the
+same batch (B examples of 256 image tokens + <bos> + a 10-token prefix + "\\n" + a 20-token
+suffix + <eos>), the same trained parameters and the same thread count, each framework in its
+own process: npvlm's `training.loss_and_grads` against transformers' PaliGemma (eager, fp32,
+`labels=` loss, `loss.backward()`, frozen parameters with requires_grad=False). Both use the
+"token" reduction (HF's). Reports the median step time after one warm-up step and the peak RSS,
+and npvlm with the frozen weights kept in bfloat16 (`weights="bf16"`, fp32 masters for the
+trained ones). Prints a markdown table.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import IMAGE_TOKEN, SIZES, machine_info, make_checkpoint, peak_rss_gb, warm_page_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+BOS, NEWLINE, EOS = 2, 108, 1
+PREFIX, SUFFIX = 10, 20
+CASES = {"mid-all": ("mid", "all"), "3b-attention": ("3b", "attention")}
+ATTENTION = re.compile(r"text\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
+
+
+def batch(size, B):
+    """B training rows of the same length (no padding, so both frameworks run the same work)."""
+    s = SIZES[size]
+    n_img = (s["image_size"] // s["patch_size"]) ** 2
+    rng = np.random.default_rng(2)
+    rows, types = [], []
+    for _ in range(B):
+        prefix = [IMAGE_TOKEN] * n_img + [BOS] + rng.integers(1000, 200000, PREFIX).tolist() + [NEWLINE]
+        suffix = rng.integers(1000, 200000, SUFFIX).tolist() + [EOS]
+        rows.append(prefix + suffix)
+        types.append([0] * len(prefix) + [1] * len(suffix))
+    ids, types = np.array(rows), np.array(types)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": types,
+            "labels": np.where(types == 1, ids, -100),
+            "pixel_values": rng.uniform(-1, 1, (B, 3, s["image_size"], s["image_size"])).astype(np.float32)}
+
+
+def worker_npvlm(args):
+    import npvlm
+    from npvlm.backend import synchronize
+    from npvlm.training import loss_and_grads, with_fp32_masters
+    model = npvlm.load(args.model, backend=args.backend, weights=args.weights)
+    params = model.params = with_fp32_masters(model.params, args.train)   # no bf16 copy of the masters
+    inputs = model._batch(batch(args.size, args.batch))
+    times = []
+    for _ in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        loss, grads = loss_and_grads(inputs, params, model.cfg, args.train, "token")
+        synchronize(model.xp)
+        times.append(time.perf_counter() - t0)
+        del grads
+    return {"step_s": statistics.median(times[1:]), "loss": loss, "peak_rss_gb": peak_rss_gb()}
+
+
+def worker_hf(args):
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+    torch.set_num_threads(args.threads)
+    device = args.hf_device
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation="eager").to(device).train()
+    from npvlm.weights import canonical_name, tree_name
+    for name, p in model.named_parameters():
+        tree = tree_name(canonical_name(name))
+        p.requires_grad_(args.train == "all" or ATTENTION.fullmatch(tree) is not None)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in batch(args.size, args.batch).items()}
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    times = []
+    for _ in range(args.repeats + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = model(**inputs, position_ids=inputs["attention_mask"].cumsum(-1), use_cache=False)
+        out.loss.backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+        loss = float(out.loss.detach())
+        del out
+    return {"step_s": statistics.median(times[1:]), "loss": loss, "peak_rss_gb": peak_rss_gb()}
+
+
+def run_worker(kind, case, folder, args, weights="fp32"):
+    size, train = CASES[case]
+    warm_page_cache(folder)
+    cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--train", train, "--model", str(folder),
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch", str(args.batch),
+           "--backend", args.backend, "--hf-device", args.hf_device, "--weights", weights]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cache", type=Path, default=ROOT / "bench_cache")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--hf-device", default="cpu")
+    p.add_argument("--no-bf16", action="store_true", help="skip the weights='bf16' npvlm run")
+    p.add_argument("--worker", choices=["npvlm", "hf"])
+    p.add_argument("--size", choices=sorted(SIZES))
+    p.add_argument("--train")
+    p.add_argument("--model")
+    p.add_argument("--weights", default="fp32")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps({"npvlm": worker_npvlm, "hf": worker_hf}[args.worker](args)))
+        return
+    info = machine_info(args)
+    lines = ["Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())
+             + f". Batch {args.batch} x (256 image + 12 prefix + 21 suffix tokens), 'token' loss, "
+               f"median of {args.repeats} steps after a warm-up, backend {args.backend}, HF device {args.hf_device}.",
+             "", "| case | npvlm step | torch step | npvlm / torch | npvlm peak RSS | torch peak RSS | "
+                 "npvlm bf16-frozen step | bf16-frozen peak RSS | loss npvlm / torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case in args.cases:
+        size = CASES[case][0]
+        folder = make_checkpoint(size, args.cache)
+        print(f"[{case}] npvlm", file=sys.stderr, flush=True)
+        ours = run_worker("npvlm", case, folder, args)
+        print(f"[{case}] torch", file=sys.stderr, flush=True)
+        torch_ = run_worker("hf", case, folder, args)
+        low = None
+        if not args.no_bf16 and args.backend == "numpy":
+            print(f"[{case}] npvlm, bf16 frozen weights", file=sys.stderr, flush=True)
+            low = run_worker("npvlm", case, folder, args, weights="bf16")
+        lines.append(f"| {case} | {ours['step_s']:.2f} s | {torch_['step_s']:.2f} s | "
+                     f"{ours['step_s'] / torch_['step_s']:.2f}x | {ours['peak_rss_gb']:.2f} GB | "
+                     f"{torch_['peak_rss_gb']:.2f} GB | "
+                     + (f"{low['step_s']:.2f} s | {low['peak_rss_gb']:.2f} GB | " if low else "- | - | ")
+                     + f"{ours['loss']:.5f} / {torch_['loss']:.5f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
