@@ -38,18 +38,18 @@ def attention(q, k, v, mask, cfg, *, save=None):
     Hk, S = k.shape[1], k.shape[2]
     G = Hq // Hk
     qg = q.reshape(B, Hk, G * T, E)                                   # [B, Hk, G*T, E]
-    scores = (qg @ k.swapaxes(-1, -2)) * cfg.attn_scale               # [B, Hk, G*T, S]
+    scores = qg @ k.swapaxes(-1, -2)                                  # [B, Hk, G*T, S]
+    scores *= cfg.attn_scale          # in place, as the mask below: each new [.., T, S] array costs
     if cfg.attn_logit_softcapping is not None:
         scores = softcap(scores, cfg.attn_logit_softcapping)
-    capped = scores
-    scores = scores.reshape(B, Hk, G, T, S)
+        if save is not None:
+            save["capped"] = scores.copy()                            # before the mask goes in
     if mask is not None:
-        scores = scores + mask[:, :, None]                            # [B, 1, 1, T, S] broadcast
+        scores = scores.reshape(B, Hk, G, T, S)
+        scores += mask[:, :, None]                                    # [B, 1, 1, T, S] broadcast
     probs = softmax(scores, axis=-1).reshape(B, Hk, G * T, S)
     if save is not None:
         save.update(q=q, k=k, v=v, probs=probs.reshape(B, Hq, T, S))  # head hk*G + g, as HF's
-        if cfg.attn_logit_softcapping is not None:
-            save["capped"] = capped
     return merge_heads((probs @ v).reshape(B, Hq, T, E))              # [B, T, Hq*E]
 
 

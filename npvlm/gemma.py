@@ -89,7 +89,8 @@ def geglu(x, p, *, save=None):
     u = linear(x, **p["up_proj"], save=sub(save, "up_proj"))
     if save is not None:
         save["up"] = u
-    return linear(g * u, **p["down_proj"], save=sub(save, "down_proj"))
+    g *= u            # g * u in place: g is the GELU's own new array, and [T, F] is the largest
+    return linear(g, **p["down_proj"], save=sub(save, "down_proj"))
 
 
 def geglu_backward(dy, saved, p):

@@ -82,14 +82,15 @@ def layer_norm(x, weight, bias, eps, *, save=None):
     """LayerNorm over the last axis with biased variance (SigLIP): (x - mean) / sqrt(var + eps) * w + b.
     # [..., D] -> [..., D]"""
     xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
+    normed = x - x.mean(axis=-1, keepdims=True)                          # centered
+    var = (normed * normed).mean(axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt(var + eps)                                   # [..., 1]
-    normed = centered * inv_std
+    normed *= inv_std                 # in place here and below: fewer new [..., D] arrays
     if save is not None:
         save.update(normed=normed, inv_std=inv_std)
-    return normed * weight + bias
+    y = normed * weight
+    y += bias
+    return y
 
 
 def layer_norm_backward(dy, saved, weight, bias):
@@ -114,7 +115,9 @@ def rms_norm(x, weight, eps, *, save=None):
     inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)  # [..., 1]
     if save is not None:
         save.update(x=x32, inv_rms=inv_rms)
-    return (x32 * inv_rms * (1.0 + weight.astype(x32.dtype, copy=False))).astype(x.dtype, copy=False)
+    y = x32 * inv_rms
+    y *= 1.0 + weight.astype(x32.dtype, copy=False)
+    return y.astype(x.dtype, copy=False)
 
 
 def rms_norm_backward(dy, saved, weight):
@@ -178,8 +181,10 @@ def softmax(x, axis=-1):
     """Numerically stable softmax in fp32, cast back to the input dtype."""
     xp = array_module(x)
     x32 = x.astype(_at_least_f32(x), copy=False)
-    e = xp.exp(x32 - x32.max(axis=axis, keepdims=True))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+    e = x32 - x32.max(axis=axis, keepdims=True)           # a new array: the rest is in place
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e.astype(x.dtype, copy=False)
 
 
 def softmax_backward(dp, p, axis=-1):

@@ -44,7 +44,11 @@ def apply_rope(x, rope):
     """Rotate each (x_i, x_{i+E/2}) pair by its angle: x*cos + rotate_half(x)*sin.
     x: [B, H, T, E], rope = (cos, sin) [B, 1, T, E] -> [B, H, T, E]"""
     cos, sin = rope
-    return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    y = x * cos                       # + rotate_half(x) * sin, one half at a time, without
+    y[..., :half] -= x[..., half:] * sin[..., :half]     # building rotate_half(x): the same sums
+    y[..., half:] += x[..., :half] * sin[..., half:]
+    return y
 
 
 def apply_rope_backward(dy, rope):
