@@ -67,15 +67,20 @@ def linear(x, weight, bias=None, *, save=None):
 
 def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
     """y = x W^T + b:  dx = dy W;  dW = dy^T x and db = sum(dy), both summed over every leading
-    axis, only when the forward kept x (W trained).
+    axis, only when the forward kept x (W trained). A weight with its own `grads` (a LoRA
+    weight, npvlm/lora.py) gives its adapters' gradients instead of dW.
     dy: [..., O] -> dx [..., I] (None if not need_dx), {"weight": [O, I], "bias": [O]}"""
     dx = dy @ weight if need_dx else None
     grads = {}
     if saved is not None and "x" in saved:
-        grads["weight"] = _rows(dy).T @ _rows(saved["x"])               # [O, R] @ [R, I]
-        if bias is not None:
+        only = saved.get("only", ("weight", "bias"))
+        if "weight" in only:
+            x = saved["x"]
+            grads.update(weight.grads(dy, x) if hasattr(weight, "grads")
+                         else {"weight": _rows(dy).T @ _rows(x)})        # [O, R] @ [R, I]
+        if bias is not None and "bias" in only:
             grads["bias"] = _rows(dy).sum(axis=0)
-    return dx, _requested(grads, saved)
+    return dx, grads
 
 
 def layer_norm(x, weight, bias, eps, *, save=None):

@@ -2,9 +2,10 @@
 
     loss, grads = loss_and_grads(batch, params, cfg, train="attention")
 
-`train` names the trained parameters: a preset ("all", "decoder", "attention") or a predicate
-on parameter names, the dotted paths of the parameter tree (`flatten`), e.g.
-"text.layers.3.self_attn.q_proj.weight", "vision.position_embedding", "projector.bias".
+`train` names the trained parameters: a preset ("all", "decoder", "attention"; "lora" for the
+adapters of the weights npvlm/lora.py wrapped) or a predicate on parameter names, the dotted
+paths of the parameter tree (`flatten`), e.g. "text.layers.3.self_attn.q_proj.weight",
+"vision.position_embedding", "projector.bias".
 Frozen parts cost nothing they need not: `save_plan` marks every module whose parameters are
 frozen, so its forward keeps only what the input gradient needs and its backward computes no
 weight gradient; a frozen vision tower keeps nothing and no backward runs into it (nor into the
@@ -17,6 +18,7 @@ import numpy as np
 
 from .bf16 import BF16Matrix
 from .errors import InputError
+from .lora import LoraWeight, adapters
 from .paligemma import backward, forward_loss
 
 PRESETS = {
@@ -28,13 +30,31 @@ PRESETS = {
 }
 
 
-def trainable(train):
-    """A predicate on parameter names from a preset name or a predicate."""
+TRAIN_SETS = (*PRESETS, "lora")
+
+
+def trainable(train, params=None):
+    """A predicate on parameter names from a preset name or a predicate ("lora": the weights
+    of `params` that are LoraWeights, whose adapters train)."""
     if callable(train):
         return train
+    if train == "lora" and params is not None:
+        wrapped = {n for n, w in flatten(params).items() if isinstance(w, LoraWeight)}
+        if not wrapped:
+            raise InputError("training set 'lora' but no weight carries LoRA adapters (npvlm.lora.add_lora)")
+        return wrapped.__contains__
     if train not in PRESETS:
-        raise InputError(f"unknown training set {train!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown training set {train!r}; choose one of {', '.join(TRAIN_SETS)}")
     return PRESETS[train]
+
+
+def trained_arrays(params, train):
+    """{name: array} of what an optimizer updates, in place: the trained tensors (the adapters
+    A and B, "<module>.lora_A" / ".lora_B", for "lora"), named as the gradients are."""
+    if train == "lora":
+        return adapters(params)
+    wanted = trainable(train, params)
+    return {n: a for n, a in flatten(params).items() if wanted(n)}
 
 
 def flatten(tree, prefix=""):
@@ -74,7 +94,7 @@ def save_plan(params, train):
     """The root `save` dict of a training pass (paligemma.forward_loss) for the parameters that
     `train` names. The save dicts mirror the parameter tree: the text decoder's tied embedding is
     saved as its lm_head ("text.lm_head")."""
-    wanted = trainable(train)
+    wanted = trainable(train, params)
     names = flatten(params)
     if not any(wanted(n) for n in names):
         raise InputError("no parameter is trained: the training set selects none of the model's "
@@ -93,7 +113,7 @@ def with_fp32_masters(params, train):
     """The parameter tree with every trained tensor as an fp32 array (its "master" copy, which an
     optimizer updates), the frozen ones left as they are (e.g. bfloat16 BF16Matrix weights,
     `npvlm.load(..., weights="bf16")`, which then cost half the memory)."""
-    wanted = trainable(train)
+    wanted = trainable(train, params)
 
     def walk(node, prefix):
         if isinstance(node, dict):
