@@ -83,11 +83,23 @@ saved = save_plan(model.params, "all")
 L = float(paligemma.forward_loss(batch, model.params, cfg, "example", save=saved))
 print(f"loss npvlm {L:.8f}   torch {float(golden['loss.example']):.8f}")
 
+def kept(part, prefix=""):
+    """{name: shape} of every array a saved dict holds, nested names joined by dots."""
+    out = {}
+    for k, v in part.items():
+        if isinstance(v, dict):
+            out.update(kept(v, f"{prefix}{k}."))
+        elif hasattr(v, "shape"):
+            out[prefix + k] = tuple(v.shape)
+        else:
+            out[prefix + k] = v
+    return out
+
+
 last = tc.num_hidden_layers - 1
 block = saved["text"]["layers"][last]
 for name, part in block.items():
-    kept = {k: v.shape for k, v in part.items() if hasattr(v, "shape")}
-    print(f"layer {last} {name:26s} keeps {kept if kept else list(part)}")
+    print(f"layer {last} {name:26s} keeps {kept(part)}")
 
 # %% [markdown]
 # ## 2. From the loss to the last layer's output
@@ -216,7 +228,7 @@ for train in ("all", "attention"):
     plan = save_plan(model.params, train)
     paligemma.forward_loss(batch, model.params, cfg, save=plan)
     print(f"{train:10s} keeps {kept_bytes(plan) / 1e3:8.1f} kB for backward; vision tower saved: "
-          f"{plan['vision'] is not None}; MLP gate_proj of layer 0: {plan['text']['layers'][0]['mlp']['gate_proj']}")
+          f"{plan['vision'] is not None}; layer 0's MLP keeps {kept(plan['text']['layers'][0]['mlp'])}")
 _, g_attn = loss_and_grads(batch, model.params, cfg, "attention")
 print(sorted(flatten(g_attn))[:4], "...", len(flatten(g_attn)), "tensors")
 
