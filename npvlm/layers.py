@@ -59,7 +59,9 @@ def linear(x, weight, bias=None, *, save=None):
     # [..., I] -> [..., O]"""
     if save is not None and not save.get("frozen"):
         save["x"] = x
-    y = x @ weight.T
+    # one GEMM over every row: NumPy's matmul of a [B, T, I] array loops over B, 2-2.5x slower
+    # for a batch of short rows (measured on [48, 64, 192] @ [192, 192]), and rounds the same
+    y = (_rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y += bias
     return y
@@ -70,7 +72,7 @@ def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
     axis, only when the forward kept x (W trained). A weight with its own `grads` (a LoRA
     weight, npvlm/lora.py) gives its adapters' gradients instead of dW.
     dy: [..., O] -> dx [..., I] (None if not need_dx), {"weight": [O, I], "bias": [O]}"""
-    dx = dy @ weight if need_dx else None
+    dx = (_rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1]) if need_dx else None
     grads = {}
     if saved is not None and "x" in saved:
         only = saved.get("only", ("weight", "bias"))
