@@ -149,6 +149,17 @@ def make_doc():
                 cli_cell = "works: answer on stdout" if code == 0 else _cell(cli)
                 todo = case.todo or ("nothing; it works" if case.api is None else "")
                 out.append(f"| {case.what} | {api_cell} | {cli_cell} | {exit_cell} | {todo} |")
+        out.append(f"\n## {T.FT}\n")
+        out.append("Each refused before any step is taken or, for a loss that is not finite, at the step "
+                   "it happens; in every case nothing is written to `--out`.\n")
+        out.append("| case | `python -m npvlm.finetune` (last stderr line) | exit | what to do |")
+        out.append("|---|---|---|---|")
+        for case in T.FINETUNE_CASES:
+            tmp = root / case.id
+            tmp.mkdir()
+            r = T.run_finetune_cli(case.build(tmp, base), tmp)
+            line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "")
+            out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
     out.append(FOOTER)
     return "\n".join(out)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from npvlm.demo.scenes import COLORS, SHAPES, caption, make_scene, task_kind, tasks
+from npvlm.demo.scenes import BASE_KINDS, COLORS, KINDS, SHAPES, caption, make_scene, prompts_of, task_kind, tasks
 from npvlm.detection import iou, parse_detections
 
 
@@ -41,7 +41,29 @@ def test_tasks_answers():
     det = parse_detections(answers["detect circle"], 128, 128, divisor=1023)
     assert [o.label for o in det.objects] == ["circle"]
     assert np.allclose(det.objects[0].box, s.objects[0].box, atol=0.07)
-    assert {task_kind(p) for p in answers} == {"caption", "count", "color", "detect"}
+    assert {task_kind(p) for p in answers} == set(KINDS)
+    assert answers["detect circle ; square ; triangle"] == " ; ".join(answers[f"detect {s}"] for s in SHAPES)
+    assert [answers[f"answer en how many {s}s are there?"] for s in SHAPES] == ["1", "1", "1"]
+    assert answers["answer en what shape is red?"] == "circle" and "answer en what shape is yellow?" not in answers
+    assert {task_kind(p) for p, _ in tasks(s, BASE_KINDS)} == set(BASE_KINDS)
+
+
+def test_prompts_of_every_kind_are_what_the_tasks_ask():
+    seen = {p for i in range(1500) for p, _ in tasks(make_scene(np.random.default_rng([9, i])))}
+    assert seen == set(prompts_of(KINDS)) and len(prompts_of(BASE_KINDS)) == 11
+    assert all(task_kind(p) in KINDS for p in seen)
+
+
+def test_shape_counts_and_color_questions():
+    for seed in range(100):
+        s = make_scene(seed)
+        for prompt, answer in tasks(s):
+            if task_kind(prompt) == "shape_count":
+                shape = prompt.split()[4][:-1]            # "circles" -> "circle"
+                assert answer == str(sum(o.shape == shape for o in s.objects)) and answer in "0123"
+            if task_kind(prompt) == "color_shape":
+                color = prompt.split()[-1].rstrip("?")
+                assert [o.shape for o in s.objects if o.color == color] == [answer]
 
 
 def test_color_question_only_when_unique():

@@ -6,10 +6,10 @@
 Scenes come from numpy.random.default_rng([EVAL_SEED, i]); training draws from a different
 root seed (tools/train_demo.py), so evaluation scenes are held out. Every task the world defines
 for a scene is asked (npvlm.demo.scenes.tasks), greedy decoding, and scored:
-- caption, color, count: exact match of the answer text;
-- detect: the fraction of ground-truth objects found, i.e. matched one-to-one by a predicted
-  box with the right label at IoU >= 0.5 (boxes decoded with divisor 1023, the encoding the demo
-  world uses).
+- caption, color, count, and the fine-tuned shape_count, color_shape: exact match of the answer;
+- detect, and the fine-tuned detect3 (all three labels): the fraction of ground-truth objects
+  found, i.e. matched one-to-one by a predicted box with the right label at IoU >= 0.5 (boxes
+  decoded with divisor 1023, the encoding the demo world uses).
 """
 
 import argparse
@@ -23,11 +23,12 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..detection import iou, parse_detections
 from ..model import load
-from .scenes import make_scene, task_kind, tasks
+from .scenes import KINDS, make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
 SCENE_SIZE = 128
 IOU_THRESHOLD = 0.5
+DETECTION_KINDS = ("detect", "detect3")
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,13 @@ class Item:
     kind: str
 
 
-def eval_items(n_scenes=300, seed=EVAL_SEED):
-    """(scenes, items): the held-out scenes and every task on each."""
+def eval_items(n_scenes=300, seed=EVAL_SEED, kinds=KINDS):
+    """(scenes, items): the held-out scenes and every task of `kinds` on each."""
     scenes, items = [], []
     for i in range(n_scenes):
         scene = make_scene(np.random.default_rng([seed, i]), size=SCENE_SIZE)
         scenes.append(scene)
-        items.extend(Item(i, p, a, task_kind(p)) for p, a in tasks(scene))
+        items.extend(Item(i, p, a, task_kind(p)) for p, a in tasks(scene, kinds))
     return scenes, items
 
 
@@ -68,7 +69,7 @@ def score(items, predictions):
     """Per-task scores: {kind: {"correct": k, "total": n, "score": k/n}}."""
     tally = {}
     for item, pred in zip(items, predictions):
-        if item.kind == "detect":
+        if item.kind in DETECTION_KINDS:
             k, n = detection_hits(pred, item.answer, SCENE_SIZE)
         else:
             k, n = int(pred.strip() == item.answer), 1
@@ -93,7 +94,7 @@ def predict(model, scenes, items, batch_size=64, max_new_tokens=48):
 def format_scores(scores, title):
     lines = [f"{title}", "| task | correct | total | score |", "|---|---|---|---|"]
     for kind, s in scores.items():
-        unit = " objects" if kind == "detect" else ""
+        unit = " objects" if kind in DETECTION_KINDS else ""
         lines.append(f"| {kind} | {s['correct']} | {s['total']}{unit} | {100 * s['score']:.1f}% |")
     return "\n".join(lines)
 

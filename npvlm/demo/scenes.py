@@ -110,35 +110,78 @@ def detection_text(scene, shapes):
     return " ; ".join(records)
 
 
-def tasks(scene):
-    """Every (prompt, answer) pair the world defines for this scene."""
-    out = [("caption en", caption(scene)),
-           ("answer en how many shapes are there?", str(len(scene.objects)))]
+# The tasks the demo model was first trained on (tools/train_demo.py), and three more skills
+# taught to it afterwards by npvlm's own fine-tuning (docs/demo.md, "Fine-tuning").
+BASE_KINDS = ("caption", "color", "count", "detect")
+SKILLS = ("detect3", "shape_count", "color_shape")
+KINDS = BASE_KINDS + SKILLS
+DETECT_ALL = "detect " + " ; ".join(SHAPES)
+
+
+def tasks(scene, kinds=KINDS):
+    """Every (prompt, answer) pair of the task kinds `kinds` the world defines for this scene."""
+    out = []
+    if "caption" in kinds:
+        out.append(("caption en", caption(scene)))
+    if "count" in kinds:
+        out.append(("answer en how many shapes are there?", str(len(scene.objects))))
     present = sorted({o.shape for o in scene.objects}, key=SHAPES.index)
     for shape in present:
         same = [o for o in scene.objects if o.shape == shape]
-        if len(same) == 1:
+        if len(same) == 1 and "color" in kinds:
             out.append((f"answer en what color is the {shape}?", same[0].color))
-        out.append((f"detect {shape}", detection_text(scene, {shape})))
-    if len(present) >= 2:
+        if "detect" in kinds:
+            out.append((f"detect {shape}", detection_text(scene, {shape})))
+    if len(present) >= 2 and "detect" in kinds:
         pair = present[:2]
         out.append((f"detect {pair[0]} ; {pair[1]}", detection_text(scene, set(pair))))
+    if "detect3" in kinds:                # all three labels: every object, left to right
+        out.append((DETECT_ALL, detection_text(scene, set(SHAPES))))
+    if "shape_count" in kinds:            # per shape, 0 to 3
+        out += [(f"answer en how many {shape}s are there?", str(sum(o.shape == shape for o in scene.objects)))
+                for shape in SHAPES]
+    if "color_shape" in kinds:            # asked when exactly one object has the color
+        for color in COLORS:
+            same = [o for o in scene.objects if o.color == color]
+            if len(same) == 1:
+                out.append((f"answer en what shape is {color}?", same[0].shape))
     return out
+
+
+def prompts_of(kinds=KINDS):
+    """Every prompt `tasks` can ask for these kinds."""
+    by_kind = {
+        "caption": ["caption en"],
+        "count": ["answer en how many shapes are there?"],
+        "color": [f"answer en what color is the {shape}?" for shape in SHAPES],
+        "detect": [f"detect {shape}" for shape in SHAPES]
+        + [f"detect {a} ; {b}" for i, a in enumerate(SHAPES) for b in SHAPES[i + 1:]],
+        "detect3": [DETECT_ALL],
+        "shape_count": [f"answer en how many {shape}s are there?" for shape in SHAPES],
+        "color_shape": [f"answer en what shape is {color}?" for color in COLORS],
+    }
+    return [p for kind in kinds for p in by_kind[kind]]
+
+
+# the task kinds the embedded demo model (npvlm/demo/model) was trained on
+SHIPPED_KINDS = BASE_KINDS
 
 
 def trained_prompts():
-    """Every prompt `tasks` can ask: exactly what the demo model was trained on."""
-    out = ["caption en", "answer en how many shapes are there?"]
-    out += [f"answer en what color is the {shape}?" for shape in SHAPES]
-    out += [f"detect {shape}" for shape in SHAPES]
-    out += [f"detect {a} ; {b}" for i, a in enumerate(SHAPES) for b in SHAPES[i + 1:]]
-    return out
+    """Every prompt the embedded demo model was trained on."""
+    return prompts_of(SHIPPED_KINDS)
 
 
 def task_kind(prompt):
-    """'caption', 'color', 'count' or 'detect'."""
+    """The kind of a task prompt: one of KINDS."""
     if prompt.startswith("caption"):
         return "caption"
+    if prompt == DETECT_ALL:
+        return "detect3"
     if prompt.startswith("detect"):
         return "detect"
-    return "count" if "how many" in prompt else "color"
+    if prompt == "answer en how many shapes are there?":
+        return "count"
+    if "how many" in prompt:
+        return "shape_count"
+    return "color_shape" if prompt.startswith("answer en what shape is") else "color"
