@@ -73,6 +73,8 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     # ---- attributes and methods: the wrapped array's, results on the device -------------------
     def __getattr__(self, name):
+        if name.startswith("__"):      # no __array_interface__ etc.: NumPy must not see the data
+            raise AttributeError(name)
         value = getattr(self.a, name)
         if callable(value):
             return lambda *args, **kwargs: _wrap(value(*_unwrap(args, name), **_unwrap(kwargs, name)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm import backend, sampling
+from npvlm import backend, paligemma, sampling
 from npvlm.backend import to_device
 from npvlm.generate import generate_ids
 from npvlm.model import PaliGemma
@@ -75,3 +75,25 @@ def test_decode_loop_moves_only_the_chosen_ids(device_model, monkeypatch):
     assert len(long[1]) - len(short[1]) == 8, "one explicit transfer per new token"
     assert all(shape == (2,) for shape in long[1]), "only the chosen ids [B] cross to the host"
     assert isinstance(device_model.params["text"]["norm"]["weight"], Device)
+
+
+@pytest.mark.gpu
+def test_cupy_decode_steps_never_synchronize(tmp_path, monkeypatch):
+    """On a real GPU: a decode step (embedding, 2+ layers, lm_head) runs with CuPy's
+    synchronization guard on, and only the chosen ids [B] come to the host per step."""
+    import cupyx  # noqa: PLC0415 (a GPU-only test: cupy is an optional extra)
+    if not hasattr(cupyx, "allow_synchronize"):
+        pytest.skip("this CuPy has no cupyx.allow_synchronize (deprecated since v10)")
+    model = npvlm.load(write_random_model(tmp_path), backend="cupy")
+    real = paligemma.decode_step
+
+    def guarded(*args, **kwargs):
+        with cupyx.allow_synchronize(False):
+            return real(*args, **kwargs)
+    monkeypatch.setattr(paligemma, "decode_step", guarded)
+    transfers = []
+    monkeypatch.setattr(sampling, "to_host", lambda x: transfers.append(x.shape) or backend.to_host(x))
+    inputs = model.processor([np.zeros((28, 28, 3), np.uint8)] * 2, ["caption en", "a"])
+    out = generate_ids(model, inputs, 8)
+    assert out.tokens.shape == (2, 8)
+    assert transfers == [(2,)] * 8, transfers

@@ -1,6 +1,7 @@
 """Benchmark one training step (forward + backward) of npvlm against PyTorch autograd.
 
-    python tools/bench_train.py                    # mid model (all trained), 3B-224 (attention only)
+    python tools/bench_train.py                    # mid (all trained), 3B-224 attention only, 3B-224 LoRA
+    python tools/bench_train.py --cases 3b-lora     # needs `pip install peft` for the torch side
     python tools/bench_train.py --cases mid-all --repeats 2
     python tools/bench_train.py --backend cupy --hf-device cuda    # on a GPU machine
 
@@ -8,7 +9,8 @@ On the bench checkpoints of tools/bench.py (random weights, official hub layout,
 same batch (B examples of 256 image tokens + <bos> + a 10-token prefix + "\\n" + a 20-token
 suffix + <eos>), the same trained parameters and the same thread count, each framework in its
 own process: npvlm's `training.loss_and_grads` against transformers' PaliGemma (eager, fp32,
-`labels=` loss, `loss.backward()`, frozen parameters with requires_grad=False). Both use the
+`labels=` loss, `loss.backward()`, frozen parameters with requires_grad=False; PEFT's LoRA for
+the LoRA case: r = 8, alpha = 8 on q/k/v/o/gate/up/down, which also matches SigLIP's q/k/v). Both use the
 "token" reduction (HF's). Reports the median step time after one warm-up step and the peak RSS,
 and npvlm with the frozen weights kept in bfloat16 (`weights="bf16"`, fp32 masters for the
 trained ones). Prints a markdown table.
@@ -31,7 +33,8 @@ from bench import IMAGE_TOKEN, SIZES, machine_info, make_checkpoint, peak_rss_gb
 ROOT = Path(__file__).resolve().parent.parent
 BOS, NEWLINE, EOS = 2, 108, 1
 PREFIX, SUFFIX = 10, 20
-CASES = {"mid-all": ("mid", "all"), "3b-attention": ("3b", "attention")}
+CASES = {"mid-all": ("mid", "all"), "3b-attention": ("3b", "attention"), "3b-lora": ("3b", "lora")}
+LORA = dict(rank=8, alpha=8)          # transformers' PaliGemma LoRA recipe: r = 8 on q/k/v/o/gate/up/down
 ATTENTION = re.compile(r"text\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 
 
@@ -57,6 +60,9 @@ def worker_npvlm(args):
     from npvlm.backend import synchronize
     from npvlm.training import loss_and_grads, with_fp32_masters
     model = npvlm.load(args.model, backend=args.backend, weights=args.weights)
+    if args.train == "lora":
+        from npvlm.lora import add_lora
+        add_lora(model.params, **LORA)
     params = model.params = with_fp32_masters(model.params, args.train)   # no bf16 copy of the masters
     inputs = model._batch(batch(args.size, args.batch))
     times = []
@@ -76,10 +82,17 @@ def worker_hf(args):
     device = args.hf_device
     model = PaliGemmaForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="eager").to(device).train()
-    from npvlm.weights import canonical_name, tree_name
-    for name, p in model.named_parameters():
-        tree = tree_name(canonical_name(name))
-        p.requires_grad_(args.train == "all" or ATTENTION.fullmatch(tree) is not None)
+    if args.train == "lora":                 # PEFT, as transformers' LoRA recipe uses it
+        from peft import LoraConfig, get_peft_model
+
+        from npvlm.lora import PEFT_RECIPE
+        model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                 target_modules=list(PEFT_RECIPE)))
+    else:
+        from npvlm.weights import canonical_name, tree_name
+        for name, p in model.named_parameters():
+            tree = tree_name(canonical_name(name))
+            p.requires_grad_(args.train == "all" or ATTENTION.fullmatch(tree) is not None)
     inputs = {k: torch.from_numpy(v).to(device) for k, v in batch(args.size, args.batch).items()}
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     times = []
