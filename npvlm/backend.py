@@ -76,7 +76,8 @@ def to_device(tree, xp):
 
 def scatter_add(table, index, values):
     """table[index[i]] += values[i] for every i, repeats summed (an embedding gradient).
-    table: [V, D], index: int[n], values: [n, D]; in place, on either backend."""
+    table: [V, D], index: int[n], values: [n, D]; in place, on either backend (CuPy >= 12 has
+    ufunc.at; it runs as atomic adds, so the summation order differs from NumPy's)."""
     xp = array_module(table)
     xp.add.at(table, index, values)
 

@@ -156,7 +156,9 @@ def worker_npvlm(args):
                      "decode_tok_s": (args.new_tokens - 1) / (t3 - t2)})
     out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
-    if args.backend == "numpy" and args.weights == "fp32":
+    if args.backend == "cupy":           # the memory pool keeps every block it ever needed at once
+        out["device_peak_gb"] = model.xp.get_default_memory_pool().total_bytes() / 1e9
+    if args.weights == "fp32":
         out.update(pure_blas_times(model, ids.shape[1], args.repeats))
     return out
 
@@ -194,11 +196,11 @@ def pure_blas_times(model, T, repeats):
               for w in (v["weight"] for v in layer[blk].values())]
     vision += [p["vision"]["patch_embedding"]["weight"], p["projector"]["weight"]]
     emb = p["text"]["embed_tokens"]["weight"]
-    rng = np.random.default_rng(0)
+    rng, xp = np.random.default_rng(0), model.xp
     widest = max(w.shape[1] for w in text + vision)
-    x1 = rng.standard_normal((1, 1, widest), dtype=np.float32)   # [B, T, D] as in a decode step
-    xt = rng.standard_normal((T, widest), dtype=np.float32)
-    xn = rng.standard_normal((cfg.num_image_tokens, widest), dtype=np.float32)
+    x1 = xp.asarray(rng.standard_normal((1, 1, widest), dtype=np.float32))   # [B, T, D] as in a decode step
+    xt = xp.asarray(rng.standard_normal((T, widest), dtype=np.float32))
+    xn = xp.asarray(rng.standard_normal((cfg.num_image_tokens, widest), dtype=np.float32))
 
     def decode_pass():
         for w in text:
@@ -214,8 +216,8 @@ def pure_blas_times(model, T, repeats):
             xn[:, :w.shape[1]] @ w.T
         x1[0, :, :emb.shape[1]] @ emb.T
 
-    decode_s = median_time(decode_pass, repeats)
-    prefill_s = median_time(prefill_pass, repeats)
+    decode_s = median_time(decode_pass, repeats, xp)
+    prefill_s = median_time(prefill_pass, repeats, xp)
     decode_bytes = sum(w.nbytes for w in text) + emb.nbytes
     flops = 2 * (T * sum(w.size for w in text_t) + sum(w.size for w in text_1)
                  + cfg.num_image_tokens * sum(w.size for w in vision) + emb.size)
@@ -261,6 +263,8 @@ def worker_hf(args):
             del feats, outputs
     out.update(median_runs(runs[1:]))
     out["peak_rss_gb"] = peak_rss_gb()
+    if device == "cuda":
+        out["device_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
 
 
@@ -270,19 +274,24 @@ def median_runs(runs):
 
 # ---- machine limits ---------------------------------------------------------------------------
 
-def median_time(f, repeats):
-    """Median wall time of f() over `repeats` calls, after one warm-up call."""
+def median_time(f, repeats, xp=np):
+    """Median wall time of f() over `repeats` calls, after one warm-up call (device work
+    synchronized before each clock read)."""
+    from npvlm.backend import synchronize
     f()
+    synchronize(xp)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         f()
+        synchronize(xp)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def machine_limits(size, repeats=5):
-    """GEMM GFLOP/s on the model's prefill shapes; bandwidth GB/s of a 1 GiB fp32 matrix-vector."""
+def machine_limits(size, xp=np, repeats=5):
+    """GEMM GFLOP/s on the model's prefill shapes; bandwidth GB/s of a 1 GiB fp32 matrix-vector
+    (on the array library `xp`: the CPU for numpy, the GPU for cupy)."""
     s = SIZES[size]
     T, D, F = 256 + TEXT_TOKENS, s["text"]["hidden_size"], s["text"]["intermediate_size"]
     Dv, Fv = s["vision"]["hidden_size"], s["vision"]["intermediate_size"]
@@ -290,14 +299,14 @@ def machine_limits(size, repeats=5):
     rng = np.random.default_rng(0)
     flops, secs = 0.0, 0.0
     for m, k, n in shapes:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
+        a = xp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+        b = xp.asarray(rng.standard_normal((k, n), dtype=np.float32))
         flops += 2 * m * k * n
-        secs += median_time(lambda a=a, b=b: a @ b, repeats)
+        secs += median_time(lambda a=a, b=b: a @ b, repeats, xp)
     gemm = flops / secs / 1e9
-    w = rng.standard_normal((16384, 16384), dtype=np.float32)     # 1 GiB
-    x = rng.standard_normal(16384, dtype=np.float32)
-    bandwidth = w.nbytes / median_time(lambda: w @ x, repeats) / 1e9
+    w = xp.asarray(rng.standard_normal((16384, 16384), dtype=np.float32))     # 1 GiB
+    x = xp.asarray(rng.standard_normal(16384, dtype=np.float32))
+    bandwidth = w.nbytes / median_time(lambda: w @ x, repeats, xp) / 1e9
     return {"gemm_gflops": gemm, "bandwidth_gbs": bandwidth}
 
 
@@ -308,6 +317,13 @@ def warm_page_cache(folder):
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def worker_limits(args):
+    """machine_limits on the benchmark's backend, in its own process (a GPU context and its
+    memory pool end with it)."""
+    from npvlm.backend import get_backend
+    return machine_limits(args.size, get_backend(args.backend))
 
 
 def worker_floor(args):
@@ -401,6 +417,9 @@ def table(size, npv, hf, limits, read_widen, info):
          f"({npv['pure_gemm_gflops']:.0f} GFLOP/s); npvlm TTFT at {npv['pure_prefill_gemm_s'] / npv['ttft_s']:.0%} of it"),
         ("peak RSS (GB)", npv["peak_rss_gb"], hf["peak_rss_gb"], f"fp32 weights {model_params_bytes(size) / 1e9:.2f} GB; npvlm - weights = {npv['peak_rss_gb'] - model_params_bytes(size) / 1e9:.2f} GB"),
     ]
+    if "device_peak_gb" in npv and "device_peak_gb" in hf:
+        rows.append(("GPU memory peak (GB)", npv["device_peak_gb"], hf["device_peak_gb"],
+                     "CuPy memory pool size / torch.cuda.max_memory_allocated"))
     lines = [f"### {SIZES[size]['name']}", "",
              "| metric | npvlm | transformers | npvlm / HF | vs the machine |", "|---|---|---|---|---|"]
     for name, a, b, note in rows:
@@ -452,12 +471,12 @@ def main():
     p.add_argument("--weights-table", action="store_true",
                    help="only npvlm, fp32 vs bf16 weights (npvlm.load(..., weights='bf16')): memory "
                         "and speed; prints a table, writes nothing")
-    p.add_argument("--worker", choices=["npvlm", "hf", "floor"])
+    p.add_argument("--worker", choices=["npvlm", "hf", "floor", "limits"])
     p.add_argument("--size", choices=sorted(SIZES))
     p.add_argument("--model")
     args = p.parse_args()
     if args.worker:
-        out = {"npvlm": worker_npvlm, "hf": worker_hf, "floor": worker_floor}[args.worker](args)
+        out = {"npvlm": worker_npvlm, "hf": worker_hf, "floor": worker_floor, "limits": worker_limits}[args.worker](args)
         print(json.dumps(out))
         return
     info = machine_info(args)
@@ -468,7 +487,7 @@ def main():
     for size in args.sizes:
         print(f"[{size}] checkpoint", file=sys.stderr, flush=True)
         folder = make_checkpoint(size, args.cache)
-        limits = machine_limits(size)
+        limits = run_worker("limits", size, folder, args)
         read_widen = run_worker("floor", size, folder, args)["read_widen_s"]
         print(f"[{size}] npvlm", file=sys.stderr, flush=True)
         npv = run_worker("npvlm", size, folder, args)

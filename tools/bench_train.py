@@ -72,7 +72,10 @@ def worker_npvlm(args):
         synchronize(model.xp)
         times.append(time.perf_counter() - t0)
         del grads
-    return {"step_s": statistics.median(times[1:]), "loss": loss, "peak_rss_gb": peak_rss_gb()}
+    out = {"step_s": statistics.median(times[1:]), "loss": float(loss), "peak_rss_gb": peak_rss_gb()}
+    if args.backend == "cupy":
+        out["device_peak_gb"] = model.xp.get_default_memory_pool().total_bytes() / 1e9
+    return out
 
 
 def worker_hf(args):
@@ -105,7 +108,10 @@ def worker_hf(args):
         times.append(time.perf_counter() - t0)
         loss = float(out.loss.detach())
         del out
-    return {"step_s": statistics.median(times[1:]), "loss": loss, "peak_rss_gb": peak_rss_gb()}
+    out = {"step_s": statistics.median(times[1:]), "loss": loss, "peak_rss_gb": peak_rss_gb()}
+    if device == "cuda":
+        out["device_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
 
 
 def run_worker(kind, case, folder, args, weights="fp32"):
@@ -148,6 +154,7 @@ def main():
              "", "| case | npvlm step | torch step | npvlm / torch | npvlm peak RSS | torch peak RSS | "
                  "npvlm bf16-frozen step | bf16-frozen peak RSS | loss npvlm / torch |",
              "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for case in args.cases:
         size = CASES[case][0]
         folder = make_checkpoint(size, args.cache)
@@ -165,7 +172,10 @@ def main():
                      + (f"{low['step_s']:.2f} s | {low['peak_rss_gb']:.2f} GB | " if low else "- | - | ")
                      + f"{ours['loss']:.5f} / {torch_['loss']:.5f} |")
         print(lines[-1], file=sys.stderr, flush=True)
-    print("\n".join(lines))
+        if "device_peak_gb" in ours and "device_peak_gb" in torch_:
+            notes.append(f"{case}: GPU memory peak npvlm {ours['device_peak_gb']:.2f} GB (CuPy pool), "
+                         f"torch {torch_['device_peak_gb']:.2f} GB (max_memory_allocated)")
+    print("\n".join(lines + ([""] + notes if notes else [])))
 
 
 if __name__ == "__main__":
