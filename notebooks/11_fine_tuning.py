@@ -38,13 +38,13 @@ import numpy as np
 
 import npvlm
 from npvlm.checkpoint import save_checkpoint
-from npvlm.demo.scenes import COLORS, make_scene, tasks
+from npvlm.demo.scenes import COLORS, SHIPPED_KINDS, make_scene, tasks
 from npvlm.optim import AdamW, clip_grad_norm, lr_at
 from npvlm.training import flatten, loss_and_grads, trained_arrays
 
 plt.rcParams.update({"figure.dpi": 72})
 model = npvlm.load("demo")
-model
+print(model)
 
 # %% [markdown]
 # ## 1. The new task, and what the model answers today
@@ -89,7 +89,7 @@ rng = np.random.default_rng(0)
 train_examples = []
 for scene in scenes(seed=1234, n=700):
     new = color_counts(scene)
-    old = tasks(scene)
+    old = tasks(scene, SHIPPED_KINDS)          # the tasks the demo was trained on
     train_examples.append((scene.image, *new[rng.integers(len(new))]))
     train_examples.append((scene.image, *old[rng.integers(len(old))]))
 print(len(train_examples), "examples, e.g.", [t[1:] for t in train_examples[:4]])
@@ -122,7 +122,7 @@ for step in range(STEPS):
     idx = order[np.arange(step * BATCH, (step + 1) * BATCH) % len(order)]      # epochs of a shuffled order
     chunk = [train_examples[i] for i in idx]
     inputs = model.processor([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk])
-    loss, grads = loss_and_grads(model._batch(inputs), params, model.cfg, TRAIN)
+    loss, grads = loss_and_grads(model.device_batch(inputs), params, model.cfg, TRAIN)
     grads = flatten(grads)
     clip_grad_norm(grads, 1.0)
     optimizer.step(trained, grads, lr_at(step, STEPS, LR, "cosine", WARMUP))
@@ -159,7 +159,7 @@ plt.show()
 # The old skills were replayed, so they should hold. A quick look at one held-out scene:
 
 # %%
-for prompt, answer in tasks(test[1])[:4]:
+for prompt, answer in tasks(test[1], SHIPPED_KINDS)[:4]:
     print(f"{prompt!r}: truth {answer!r}, model {model.generate(test[1].image, prompt).text!r}")
 
 # %% [markdown]

@@ -62,6 +62,13 @@ def check_output(out, source):
         raise InputError(f"{out}: folder {out.parent} is not writable")
 
 
+def _plain_file_mode():
+    """The permissions open() would give a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(params, source, out, dtype="same"):
     """Write `params` (the tree npvlm.load gave, possibly trained, possibly with LoRA adapters)
     to `out` in the layout of the checkpoint folder `source`. dtype: "same" (each tensor as the
@@ -85,6 +92,7 @@ def save_checkpoint(params, source, out, dtype="same"):
                     tensors[key] = np.ascontiguousarray(_tensor(flat, key, f.shape(key)).astype(_STORED[stored]))
                     total += tensors[key].nbytes
             save_file(tensors, str(tmp / path.name), metadata=meta)
+            os.chmod(tmp / path.name, _plain_file_mode())   # the package writes 0o600
             del tensors
         if weight_map is not None:
             index = json.loads((source / "model.safetensors.index.json").read_text())

@@ -113,7 +113,7 @@ def make_batch(model, examples, source):
             images.append(load_image(e.image))
         except InputError as err:
             raise InputError(f"{source} line {e.line}: {err}") from None
-    return model._batch(model.processor(images, [e.prefix for e in examples], [e.suffix for e in examples]))
+    return model.device_batch(model.processor(images, [e.prefix for e in examples], [e.suffix for e in examples]))
 
 
 def batches_for_step(step, n_examples, args):

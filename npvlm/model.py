@@ -66,7 +66,10 @@ class PaliGemma:
 
     BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_tokens", "labels")
 
-    def _batch(self, batch):
+    def device_batch(self, batch):
+        """A processor batch (a dict of host arrays) checked and moved to this model's backend: the
+        input of `paligemma.prefill` and of `training.loss_and_grads`. Token ids are validated on
+        the host; an unknown key is an `InputError`."""
         unknown = sorted(set(batch) - set(self.BATCH_KEYS))
         if unknown:
             raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
@@ -104,7 +107,7 @@ class PaliGemma:
             batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                      "pixel_values": pixel_values, "token_type_ids": token_type_ids,
                      "image_tokens": image_tokens}
-        return paligemma.prefill(self._batch(batch), self.params, self.cfg, cache=cache,
+        return paligemma.prefill(self.device_batch(batch), self.params, self.cfg, cache=cache,
                                  logits_for=logits_for, trace=trace)
 
     def decode_step(self, token_ids, cache, trace=None):

@@ -96,8 +96,8 @@ def test_loss_and_every_gradient_equal_numpy(pair, train):
         from npvlm.lora import add_lora
         for model in (cpu, dev):
             add_lora(model.params, rank=4, alpha=8, seed=1)
-    loss, grads = loss_and_grads(cpu._batch(batch), cpu.params, cpu.cfg, train)
-    dloss, dgrads = loss_and_grads(dev._batch(batch), dev.params, dev.cfg, train)
+    loss, grads = loss_and_grads(cpu.device_batch(batch), cpu.params, cpu.cfg, train)
+    dloss, dgrads = loss_and_grads(dev.device_batch(batch), dev.params, dev.cfg, train)
     assert float(dloss) == float(loss)
     want, got = host(grads), host(dgrads)
     assert got.keys() == want.keys() and want
@@ -111,7 +111,7 @@ def test_optimizer_steps_equal_numpy(pair, make):
     for model in (cpu, dev):
         model.opt = make()
         for _ in range(2):
-            _, grads = loss_and_grads(model._batch(batch), model.params, model.cfg, "attention")
+            _, grads = loss_and_grads(model.device_batch(batch), model.params, model.cfg, "attention")
             model.opt.step(trained_arrays(model.params, "attention"), flatten(grads), 1e-2)
     want, got = host(trained_arrays(cpu.params, "attention")), host(trained_arrays(dev.params, "attention"))
     for name in want:

@@ -109,6 +109,10 @@ def test_the_output_keeps_the_input_layout(tmp_path, golden):
         a = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
         b = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
         assert a == b
+    (tmp_path / "plain").write_text("")                 # every file gets the mode open() gives
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == \
+        {p.name: plain for p in (tmp_path / "out").iterdir()}
 
 
 def test_save_dtypes(tmp_path):

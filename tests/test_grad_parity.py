@@ -37,7 +37,7 @@ def run(request, backend):
     golden = GradGolden(name)
     model = npvlm.load(GOLDENS / name / "model", backend=backend)
     trace = {}
-    loss, grads = loss_and_grads(model._batch(golden.batch), model.params, model.cfg, "all", "example",
+    loss, grads = loss_and_grads(model.device_batch(golden.batch), model.params, model.cfg, "all", "example",
                                  trace=trace)
     return golden, model, loss, flatten(grads), trace
 
@@ -78,7 +78,7 @@ def test_token_reduction_is_hfs_labels_loss(name):
     padded batch, positions from the mask); "example": big_vision's per-example mean."""
     golden = GradGolden(name)
     model = npvlm.load(GOLDENS / name / "model")
-    loss, _ = loss_and_grads(model._batch(golden.batch), model.params, model.cfg, "attention", "token")
+    loss, _ = loss_and_grads(model.device_batch(golden.batch), model.params, model.cfg, "attention", "token")
     for ref in ("loss.token", "loss.hf_labels"):
         assert abs(loss - float(golden.arrays[ref])) <= LOSS_RTOL * abs(loss), (ref, loss, golden.arrays[ref])
     assert abs(float(golden.arrays["loss.example"]) - loss) > 1e-4     # the two reductions differ here
@@ -108,7 +108,7 @@ def test_live_gradients_match_torch(live, reduction):
     name, hf, model, examples = live
     loss_ref, grads_ref, _ = ref.training_reference(hf, examples, reduction)
     _, grads64, _ = ref.training_reference(copy.deepcopy(hf).double(), examples, reduction)   # torch's noise
-    loss, grads = loss_and_grads(model._batch(ref.left_padded(examples)), model.params, model.cfg, "all", reduction)
+    loss, grads = loss_and_grads(model.device_batch(ref.left_padded(examples)), model.params, model.cfg, "all", reduction)
     print(f"\n{name} ({reduction}): loss {loss:.8f}, torch {loss_ref:.8f}")
     assert abs(loss - loss_ref) <= LOSS_RTOL * abs(loss_ref)
     grads = flatten(grads)

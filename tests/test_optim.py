@@ -67,7 +67,7 @@ def test_ten_steps_equal_torch(torch_and_transformers, tmp_path, spec_name, case
     ref.save_hub_layout(hf, str(tmp_path / "m"), dtype="f32", n_shards=1)
     model = npvlm.load(tmp_path / "m")
     examples = ref.make_training_examples(spec, seed=3, lengths=((3, 4), (5, 2)))
-    batch = model._batch(ref.left_padded(examples))
+    batch = model.device_batch(ref.left_padded(examples))
 
     torch_losses, final = torch_steps(torch, ref, hf, examples, c)
     _, final64 = torch_steps(torch, ref, copy.deepcopy(hf).double(), examples, c)     # torch's own noise

@@ -23,7 +23,7 @@ ATTENTION = re.compile(r"text\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 def setup():
     golden = GradGolden(NAME)
     model = npvlm.load(GOLDENS / NAME / "model")
-    batch = model._batch(golden.batch)
+    batch = model.device_batch(golden.batch)
     _, full = loss_and_grads(batch, model.params, model.cfg, "all")
     return model, batch, flatten(full)
 
@@ -99,8 +99,8 @@ def test_bf16_frozen_weights_with_fp32_masters(setup):
     flat = flatten(params)
     assert all(isinstance(v, np.ndarray) for n, v in flat.items() if ATTENTION.fullmatch(n))
     assert isinstance(flat["text.layers.0.mlp.up_proj.weight"], BF16Matrix)
-    loss_low, g_low = loss_and_grads(low._batch(golden.batch), params, low.cfg, "attention")
-    loss_ref, g_ref = loss_and_grads(ref._batch(golden.batch), ref.params, ref.cfg, "attention")
+    loss_low, g_low = loss_and_grads(low.device_batch(golden.batch), params, low.cfg, "attention")
+    loss_ref, g_ref = loss_and_grads(ref.device_batch(golden.batch), ref.params, ref.cfg, "attention")
     assert abs(loss_low - loss_ref) <= 1e-6 * loss_ref
     for name, g in flatten(g_ref).items():
         np.testing.assert_allclose(flatten(g_low)[name], g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=name)

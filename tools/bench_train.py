@@ -64,7 +64,7 @@ def worker_npvlm(args):
         from npvlm.lora import add_lora
         add_lora(model.params, **LORA)
     params = model.params = with_fp32_masters(model.params, args.train)   # no bf16 copy of the masters
-    inputs = model._batch(batch(args.size, args.batch))
+    inputs = model.device_batch(batch(args.size, args.batch))
     times = []
     for _ in range(args.repeats + 1):
         t0 = time.perf_counter()
