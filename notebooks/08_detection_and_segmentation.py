@@ -87,11 +87,11 @@ print(f"image {W}x{H}; objects: {[(o.color, o.shape, o.box) for o in scene.objec
 # %% [markdown]
 # ## 1. A detection answer
 #
-# Ask for two kinds of object at once (`;` separates the classes in the prompt, and the records in
-# the answer).
+# Ask for every kind of object at once (`;` separates the classes in the prompt, and the records
+# in the answer). The demo learned this three-label prompt in its fine-tuning (docs/demo.md).
 
 # %%
-PROMPT = "detect circle ; square"
+PROMPT = "detect circle ; square ; triangle"
 out = model.generate(SAMPLE_SCENE, PROMPT, max_new_tokens=32)
 print(f"{PROMPT!r} -> {out.text!r}")
 print("tokens:", [tok.decode([i]) for i in out.tokens])
@@ -122,7 +122,7 @@ print("malformed:", parse_detections("<loc0100><loc0200><loc0050> circle ; <loc0
 # each predicted box with the true box of its label:
 
 # %%
-truth = parse_detections(detection_text(scene, {"circle", "square"}), W, H, divisor=1023).objects
+truth = parse_detections(detection_text(scene, {"circle", "square", "triangle"}), W, H, divisor=1023).objects
 print("truth as tokens:", " ; ".join(f"{encode_box(o.box, W, H)} {o.label}" for o in truth))
 for o in found.objects:
     best = max((iou(o.box, t.box) for t in truth if t.label == o.label), default=0.0)
@@ -212,9 +212,9 @@ assert all(c.ok for c in checks)
 #    pixels: exactly the whole `W x H` image, or a little less (which divisor does the model's
 #    side use)? The `by hand` line shows it.
 # 2. In section 1, set `PROMPT = "detect triangle ; circle ; square"` and rerun sections 1 and 2.
-#    The demo world's prompts name at most two classes: predict whether the answer still holds
-#    three well-formed records, one per class; section 2 prints the parsed boxes and a
-#    `problem:` line for each malformed record.
+#    The demo only ever saw the classes in the order circle, square, triangle: predict whether
+#    the answer still holds three well-formed records, one per class; section 2 prints the
+#    parsed boxes and a `problem:` line for each malformed record.
 # 3. In the segmentation cell, replace `obj.seg` by `obj.seg[::-1]` (the 16 codes reversed) in
 #    `decode_masks([obj.seg], ...)`. Predict whether the 64 x 64 logit is the old one flipped
 #    (the codes are a 4 x 4 grid read row by row, then decoded by convolutions) or something

@@ -127,9 +127,10 @@ def notes(args, folder, result):
     """One-line notes on stderr about an answer that may not be what the user wanted."""
     if folder == DEMO_MODEL and args.prompt not in trained_prompts():
         print(f"note: the demo model was trained only on its shape-world tasks (docs/demo.md: "
-              f"caption en, answer en what color is the circle?, answer en how many shapes are "
-              f"there?, detect circle, detect circle ; square ...); {args.prompt!r} is not one of "
-              "them, so its answer means nothing", file=sys.stderr)
+              f"caption en, answer en what color is the circle?, answer en what shape is red?, "
+              f"answer en how many shapes are there?, answer en how many circles are there?, "
+              f"detect circle, detect circle ; square ...); {args.prompt!r} is not one of them, "
+              "so its answer means nothing", file=sys.stderr)
     if result.finish_reason == "length":
         print(f"note: the answer was cut at --max-new-tokens {args.max_new_tokens} before the model "
               "ended it; raise --max-new-tokens for the rest", file=sys.stderr)

@@ -72,11 +72,11 @@ def test_run_py_defaults_to_the_demo(tmp_path):
 
 def test_run_py_draws_detections(tmp_path):
     out = tmp_path / "boxes.png"
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), str(SAMPLE_SCENE), "detect circle ; triangle",
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), str(SAMPLE_SCENE), "detect circle ; square ; triangle",
                         "--draw", str(out), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     objects = json.loads(r.stdout)["objects"]
-    assert objects and {o["label"] for o in objects} <= {"circle", "triangle"}
+    assert objects and {o["label"] for o in objects} <= {"circle", "square", "triangle"}
     drawn = np.asarray(Image.open(out).convert("RGB"))
     assert drawn.shape[0] >= 128 and not np.array_equal(drawn[::3, ::3], drawn[::3, ::3][0, 0])
     assert not list(tmp_path.glob(".*.tmp"))

@@ -163,8 +163,9 @@ def prompts_of(kinds=KINDS):
     return [p for kind in kinds for p in by_kind[kind]]
 
 
-# the task kinds the embedded demo model (npvlm/demo/model) was trained on
-SHIPPED_KINDS = BASE_KINDS
+# the task kinds the embedded demo model (npvlm/demo/model) was trained on: the base four by
+# tools/train_demo.py, the three skills by python -m npvlm.finetune (docs/demo.md)
+SHIPPED_KINDS = KINDS
 
 
 def trained_prompts():
