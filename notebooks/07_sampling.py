@@ -128,7 +128,7 @@ plt.show()
 # sure and many when it is not.
 
 # %%
-K, TOP_P = 5, 0.8
+K, TOP_P = 5, 0.95
 filters = {"none": filtered_probs(z, 1.0)[0], f"top_k={K}": filtered_probs(z, 1.0, top_k=K)[0],
            f"top_p={TOP_P}": filtered_probs(z, 1.0, top_p=TOP_P)[0]}
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8), sharey=True)
@@ -139,7 +139,7 @@ for ax, (name, p) in zip(axes, filters.items()):
     ax.set_title(f"{name}: {int((p > 0).sum())} of {p.size} tokens kept", fontsize=10)
 plt.show()
 sorted_p = np.sort(p1)[::-1]
-print(f"top_p={TOP_P}: the {int((filters[f'top_p={TOP_P}'] > 0).sum())} kept tokens held "
+print(f"top_p={TOP_P}: the {int((filters[f'top_p={TOP_P}'] > 0).sum())} kept token(s) held "
       f"{sorted_p[:int((filters[f'top_p={TOP_P}'] > 0).sum())].sum():.3f} of the mass before renormalising")
 
 # %% [markdown]
