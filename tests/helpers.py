@@ -28,6 +28,41 @@ FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]   # parametrize ids for `backend`
 
 
+# Tiny configs for the live tests (tests/hf_reference.py builds them with transformers), kept
+# here so that test modules import them without torch. Shapes that differ from the committed goldens: MHA (kv heads = heads), an odd vision width,
+# a 3x3 patch grid, a head_dim different from hidden/heads, more layers.
+LIVE_SPECS = {
+    "mha_42px": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 24, "intermediate_size": 40,
+                   "num_hidden_layers": 2, "num_attention_heads": 3},
+        "text": {"model_type": "gemma", "hidden_size": 48, "intermediate_size": 80,
+                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+                 "head_dim": 8, "vocab_size": 200, "max_position_embeddings": 96},
+        "image_token_index": 199, "newline_id": 108,
+    },
+    "gqa_4to2_28px": {
+        "vision": {"image_size": 28, "patch_size": 14, "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 3, "num_attention_heads": 2},
+        "text": {"model_type": "gemma", "hidden_size": 32, "intermediate_size": 64,
+                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 12, "vocab_size": 256, "max_position_embeddings": 96},
+        "image_token_index": 255, "newline_id": 108,
+    },
+    # PaliGemma 2: Gemma 2 decoder, GQA 6->3, sliding window 5 < prompt, caps that bite
+    "gemma2_gqa_42px": {
+        "vision": {"image_size": 42, "patch_size": 14, "hidden_size": 24, "intermediate_size": 40,
+                   "num_hidden_layers": 2, "num_attention_heads": 3},
+        "text": {"model_type": "gemma2", "hidden_size": 48, "intermediate_size": 80,
+                 "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
+                 "head_dim": 8, "query_pre_attn_scalar": 10, "attn_logit_softcapping": 4.0,
+                 "final_logit_softcapping": 2.5, "sliding_window": 5, "vocab_size": 200,
+                 "max_position_embeddings": 96},
+        "image_token_index": 199, "newline_id": 108, "n_suffix": 3,
+        "init": {"final_norm_gain": 3.0},
+    },
+}
+
+
 def param_leaves(tree, prefix=""):
     """(dotted name, array) for every array of a nested dict/list parameter tree."""
     if isinstance(tree, dict):

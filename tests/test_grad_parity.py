@@ -19,8 +19,7 @@ import npvlm
 from npvlm.trace import compare_grad
 from npvlm.training import flatten, loss_and_grads
 
-from helpers import BACKENDS, GOLDEN_MODELS, GOLDENS, GradGolden
-from hf_reference import LIVE_SPECS
+from helpers import BACKENDS, GOLDEN_MODELS, GOLDENS, LIVE_SPECS, GradGolden
 
 LOSS_RTOL = 1e-6
 

@@ -9,8 +9,7 @@ import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
 
-from helpers import BACKENDS, param_leaves
-from hf_reference import LIVE_SPECS
+from helpers import BACKENDS, LIVE_SPECS, param_leaves
 
 pytestmark = pytest.mark.live
 

@@ -15,7 +15,7 @@ from npvlm.optim import SGD, AdamW, clip_grad_norm, lr_at
 from npvlm.trace import compare_grad
 from npvlm.training import flatten, loss_and_grads, trained_arrays
 
-from hf_reference import LIVE_SPECS
+from helpers import LIVE_SPECS
 
 STEPS = 10
 
