@@ -365,8 +365,13 @@ def run_worker(kind, size, folder, args):
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device,
            "--weights", getattr(args, "weights", "fp32")]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    return run_json_worker(kind, cmd, args.threads)
+
+
+def run_json_worker(kind, cmd, threads):
+    """Run a worker process with every BLAS pinned to `threads`; its last stdout line is JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")

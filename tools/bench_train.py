@@ -21,14 +21,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench import IMAGE_TOKEN, SIZES, machine_info, make_checkpoint, peak_rss_gb, warm_page_cache
+from bench import IMAGE_TOKEN, SIZES, machine_info, make_checkpoint, peak_rss_gb, run_json_worker, warm_page_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 BOS, NEWLINE, EOS = 2, 108, 1
@@ -120,12 +119,7 @@ def run_worker(kind, case, folder, args, weights="fp32"):
     cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--train", train, "--model", str(folder),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch", str(args.batch),
            "--backend", args.backend, "--hf-device", args.hf_device, "--weights", weights]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json_worker(kind, cmd, args.threads)
 
 
 def main():
