@@ -22,7 +22,7 @@ from .demo import MODEL_DIR as DEMO_MODEL
 from .demo import SAMPLE_SCENE
 from .demo.scenes import trained_prompts
 from .draw import draw_objects
-from .errors import InputError, NpvlmError
+from .errors import InputError, NpvlmError, one_line
 from .generate import check_generation_args
 from .image import load_image
 from .model import check_model_dir, check_weights_option, load
@@ -220,8 +220,7 @@ def main(argv=None):
             raise
         if isinstance(e, NpvlmError) and str(e).startswith("cannot write the answer to stdout"):
             _silence_stdout()
-        kind = "error" if isinstance(e, NpvlmError) else f"internal error ({type(e).__name__})"
-        print(f"{kind}: {e}".splitlines()[0] if str(e) else kind, file=sys.stderr)
+        print(one_line(e), file=sys.stderr)
         return 1
 
 

@@ -23,3 +23,10 @@ class InputError(NpvlmError, ValueError):
 
 class BackendError(NpvlmError, RuntimeError):
     """The requested array backend is unknown or not usable on this machine."""
+
+
+def one_line(e):
+    """What a command prints for an exception: `error: ...` for bad input, `internal error
+    (Type): ...` for anything else (a bug), the first line only."""
+    kind = "error" if isinstance(e, NpvlmError) else f"internal error ({type(e).__name__})"
+    return f"{kind}: {e}".splitlines()[0] if str(e) else kind

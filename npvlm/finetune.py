@@ -38,7 +38,7 @@ from .backend import synchronize, to_host
 from .checkpoint import SAVE_DTYPES, check_output, save_checkpoint
 from .cli import _Help, _Parser
 from .demo.evaluate import eval_items, predict, score
-from .errors import InputError, NpvlmError
+from .errors import InputError, one_line
 from .image import load_image
 from .lora import PEFT_RECIPE, add_lora
 from .model import check_model_dir, load
@@ -353,8 +353,7 @@ def main(argv=None):
     except Exception as e:  # one line, unless --debug
         if args.debug:
             raise
-        kind = "error" if isinstance(e, NpvlmError) else f"internal error ({type(e).__name__})"
-        print(f"{kind}: {e}".splitlines()[0] if str(e) else kind, file=sys.stderr)
+        print(one_line(e), file=sys.stderr)
         return 1
 
 
