@@ -61,7 +61,8 @@ def canonical_name(key):
     return key
 
 
-# hub name prefix -> parameter tree path prefix (the tree drops nesting that carries no meaning)
+# hub name prefix -> parameter tree path prefix: the tree drops the nesting that carries no
+# meaning (`vision_tower.vision_model.embeddings`, `.encoder`, `multi_modal_projector.linear`)
 TREE_PREFIXES = [
     (VISION + "embeddings.position_embedding.weight", "vision.position_embedding"),
     (VISION + "embeddings.", "vision."),
@@ -79,20 +80,6 @@ def tree_name(hub):
         if hub.startswith(prefix):
             return path + hub[len(prefix):]
     raise KeyError(f"{hub!r} is not a PaliGemma parameter name")
-
-
-def hub_name(path):
-    """The inverse of `tree_name`: a parameter tree path -> its canonical hub name."""
-    if path == "vision.position_embedding":
-        return VISION + "embeddings.position_embedding.weight"
-    if path.startswith("vision.patch_embedding."):
-        return VISION + "embeddings." + path[len("vision."):]
-    if path.startswith("vision.layers."):
-        return VISION + "encoder." + path[len("vision."):]
-    for prefix, tree in ((VISION, "vision."), (PROJECTOR + "linear.", "projector."), (TEXT, "text.")):
-        if path.startswith(tree):
-            return prefix + path[len(tree):]
-    raise KeyError(f"{path!r} is not a parameter tree path")
 
 
 def skip_reason(name):
@@ -339,22 +326,7 @@ def load_params(model_dir, cfg, weights="fp32"):
     finally:
         for f in handles:
             f.close()
-    tree = _to_tree(flat)
-    return {
-        "vision": _flatten_vision(tree["vision_tower"]["vision_model"]),
-        "projector": tree["multi_modal_projector"]["linear"],
-        "text": tree["language_model"]["model"],
-    }
-
-
-def _flatten_vision(v):
-    """Drop the `embeddings` / `encoder` nesting levels that carry no meaning."""
-    return {
-        "patch_embedding": v["embeddings"]["patch_embedding"],
-        "position_embedding": v["embeddings"]["position_embedding"]["weight"],
-        "layers": v["encoder"]["layers"],
-        "post_layernorm": v["post_layernorm"],
-    }
+    return _to_tree({tree_name(name): array for name, array in flat.items()})
 
 
 def _check_tied(lm_head_entry, embedding):
