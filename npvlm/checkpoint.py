@@ -20,7 +20,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .backend import to_host
@@ -84,8 +83,8 @@ def save_checkpoint(params, source, out, dtype="same"):
     try:
         total = 0
         for path in files:
-            with SafetensorsFile(path) as f, safe_open(str(path), framework="np") as raw:
-                meta = raw.metadata()
+            with SafetensorsFile(path) as f:
+                meta = f.metadata
                 tensors = {}
                 for key in f.keys():
                     stored = {"same": f.dtype(key), "float32": "F32", "bfloat16": "BF16"}[dtype]
@@ -103,10 +102,10 @@ def save_checkpoint(params, source, out, dtype="same"):
                     extra.name not in ("model.safetensors.index.json", "config.json"):
                 shutil.copy2(extra, tmp / extra.name)
         config = json.loads((source / "config.json").read_text())
-        if dtype != "same":
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "dtype":
-                    config[key] = dtype
+        if dtype != "same":                            # transformers 5 writes "dtype", 4.x "torch_dtype"
+            config["dtype"] = dtype
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             out.rmdir()                                # empty: check_output made sure

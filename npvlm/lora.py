@@ -118,24 +118,6 @@ def add_lora(params, rank=8, alpha=8, targets=PEFT_RECIPE, seed=0):
     return names
 
 
-def adapters(params):
-    """{"<module>.lora_A": A, "<module>.lora_B": B} of every LoraWeight: the trained arrays."""
-    out = {}
-
-    def walk(node, prefix):
-        if isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{prefix}{i}.")
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(v, LoraWeight):
-                    out[f"{prefix}lora_A"], out[f"{prefix}lora_B"] = v.A, v.B
-                else:
-                    walk(v, f"{prefix}{k}.")
-    walk(params, "")
-    return out
-
-
 def merge(params):
     """The parameter tree with every LoraWeight replaced by its merged fp32 matrix."""
     if isinstance(params, dict):

@@ -48,7 +48,7 @@ class SafetensorsFile:
     """One checked safetensors file; tensors are read on demand.
 
     with SafetensorsFile(path) as f:
-        f.keys(), f.shape(name), f.dtype(name) ("F32", "BF16", ...), f.nbytes(name)
+        f.keys(), f.shape(name), f.dtype(name) ("F32", "BF16", ...), f.nbytes(name), f.metadata
         f.read(name)        float32 array (BF16 widened exactly)
         f.read_bits(name)   a BF16 tensor's bits, uint16
     """
@@ -60,6 +60,7 @@ class SafetensorsFile:
             with safe_open(self.path, framework="np") as checked:       # the package's checks
                 pieces = {name: checked.get_slice(name) for name in checked.keys()}
                 self._info = {name: (p.get_dtype(), tuple(p.get_shape())) for name, p in pieces.items()}
+                self.metadata = checked.metadata()                       # the header's __metadata__
         except SafetensorError as e:
             raise CheckpointError(f"{self.label}: {self._reason(str(e))}") from None
         except OSError as e:

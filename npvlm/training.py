@@ -16,9 +16,10 @@ import re
 
 import numpy as np
 
+from .backend import array_module
 from .bf16 import BF16Matrix
 from .errors import InputError
-from .lora import LoraWeight, adapters
+from .lora import LoraWeight
 from .paligemma import backward, forward_loss
 
 PRESETS = {
@@ -55,6 +56,17 @@ def trained_arrays(params, train):
         return adapters(params)
     wanted = trainable(train, params)
     return {n: a for n, a in flatten(params).items() if wanted(n)}
+
+
+def adapters(params):
+    """{"<module>.lora_A": A, "<module>.lora_B": B} of every LoraWeight (npvlm/lora.py): the
+    arrays LoRA trains, named as `linear_backward` names their gradients."""
+    out = {}
+    for name, w in flatten(params).items():
+        if isinstance(w, LoraWeight):
+            module = name.removesuffix(".weight")
+            out[f"{module}.lora_A"], out[f"{module}.lora_B"] = w.A, w.B
+    return out
 
 
 def flatten(tree, prefix=""):
@@ -140,6 +152,6 @@ def check_finite(loss, grads):
     """Refuse a step whose loss or gradients are not finite (NaN or inf)."""
     if not np.isfinite(loss):
         raise InputError(f"the loss is {loss}: not a finite number")
-    bad = [n for n, g in flatten(grads).items() if not bool(np.isfinite(g).all())]
+    bad = [n for n, g in flatten(grads).items() if not bool(array_module(g).isfinite(g).all())]
     if bad:
         raise InputError(f"non-finite gradients in {len(bad)} tensor(s), first {bad[0]}")

@@ -1,5 +1,5 @@
-"""Helpers the tests share (conftest.py holds only fixtures and hooks): parameter-tree walking,
-the one-line-error check, golden sets, safetensors files written with the `safetensors`
+"""Helpers the tests share (conftest.py holds only fixtures and hooks): the live tests' tiny
+configs, the one-line-error check, golden sets, safetensors files written with the `safetensors`
 package, and a random-weight model folder made without torch."""
 
 import configparser
@@ -61,18 +61,6 @@ LIVE_SPECS = {
         "init": {"final_norm_gain": 3.0},
     },
 }
-
-
-def param_leaves(tree, prefix=""):
-    """(dotted name, array) for every array of a nested dict/list parameter tree."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from param_leaves(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from param_leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], tree
 
 
 def one_line_error(exc_type, call, *fragments):

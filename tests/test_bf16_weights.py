@@ -11,8 +11,9 @@ from npvlm.bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from npvlm.errors import InputError
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
+from npvlm.training import flatten
 
-from helpers import Golden, one_line_error, param_leaves
+from helpers import Golden, one_line_error
 
 BF16_GOLDENS = ["pg1_mqa_hub", "pg2_gqa_hub"]          # stored BF16, like the hub checkpoints
 rng = np.random.default_rng(0)
@@ -75,12 +76,12 @@ def test_bf16_weights_greedy_and_batch_match_hf(pair):
 def test_bf16_weights_take_half_the_memory(pair):
     golden, model = pair
     fp32 = npvlm.load(golden.model_dir)
-    nbytes = {name: sum(leaf.nbytes for _, leaf in param_leaves(m.params)) for name, m in
+    nbytes = {name: sum(leaf.nbytes for leaf in flatten(m.params).values()) for name, m in
               (("fp32", fp32), ("bf16", model))}
     print(f"\nparameter bytes: {nbytes}")
     assert 0.45 < nbytes["bf16"] / nbytes["fp32"] < 0.55
     # the stored bf16 values are the checkpoint's: widening them gives the fp32 mode's weights
-    for (name, a), (_, b) in zip(param_leaves(fp32.params), param_leaves(model.params)):
+    for (name, a), (_, b) in zip(flatten(fp32.params).items(), flatten(model.params).items()):
         np.testing.assert_array_equal(a, b.to_f32() if isinstance(b, BF16Matrix) else b, err_msg=name)
 
 

@@ -8,8 +8,9 @@ import pytest
 import npvlm
 from npvlm.generate import greedy_ids
 from npvlm.trace import compare, compare_stages
+from npvlm.training import flatten
 
-from helpers import BACKENDS, LIVE_SPECS, param_leaves
+from helpers import BACKENDS, LIVE_SPECS
 
 pytestmark = pytest.mark.live
 
@@ -38,7 +39,7 @@ def fresh(request, torch_and_transformers, tmp_path_factory):
 
 def test_every_key_scheme_loads_the_same_weights(fresh):
     _, _, _, _, folders = fresh
-    trees = {layout: dict(param_leaves(npvlm.load(folder).params)) for layout, folder in folders.items()}
+    trees = {layout: flatten(npvlm.load(folder).params) for layout, folder in folders.items()}
     first = trees.pop("save_pretrained")
     for layout, tree in trees.items():
         assert tree.keys() == first.keys(), layout

@@ -10,9 +10,10 @@ import pytest
 import npvlm
 from npvlm.errors import CheckpointError
 from npvlm.safetensors_file import SafetensorsFile
+from npvlm.training import flatten
 from npvlm.weights import canonical_name, collapse_layers
 
-from helpers import GOLDENS, golden_meta, param_leaves, read_safetensors, save_safetensors
+from helpers import GOLDENS, golden_meta, read_safetensors, save_safetensors
 
 _read_all = read_safetensors
 
@@ -78,7 +79,7 @@ def test_f16_checkpoint_loads(f32_folder):
     tensors = _read_all(f32_folder / "model.safetensors")
     save_safetensors(f32_folder / "model.safetensors", {k: v.astype(np.float16) for k, v in tensors.items()})
     half = npvlm.load(f32_folder)
-    for (name, a), (_, b) in zip(param_leaves(ref.params), param_leaves(half.params)):
+    for (name, a), (_, b) in zip(flatten(ref.params).items(), flatten(half.params).items()):
         np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32), err_msg=name)
 
 
@@ -178,7 +179,7 @@ def test_bf16_load_holds_fp32_weights_plus_one_tensor():
     model = npvlm.load(folder)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    sizes = [a.nbytes for _, a in param_leaves(model.params)]
+    sizes = [a.nbytes for a in flatten(model.params).values()]
     total, largest = sum(sizes), max(sizes)
     print(f"\nfp32 weights {total} B, largest tensor {largest} B, peak {peak} B")
     assert peak <= total + 2 * largest + 256 * 1024
