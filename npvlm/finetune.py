@@ -21,6 +21,7 @@ an uninterrupted run ends. The model is written to --out only at the end, atomic
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -122,13 +123,17 @@ def batches_for_step(step, n_examples, args):
     per_step = args.batch_size * args.grad_accum
     out = []
     for k in range(args.grad_accum):
-        start = (step * per_step + k * args.batch_size)
-        idx = [(start + i) for i in range(args.batch_size)]
-        epochs = [i // n_examples for i in idx]
-        order = {ep: (np.random.default_rng([args.seed, ep]).permutation(n_examples) if args.shuffle
-                      else np.arange(n_examples)) for ep in set(epochs)}
-        out.append([int(order[ep][i % n_examples]) for ep, i in zip(epochs, idx)])
+        start = step * per_step + k * args.batch_size
+        idx = range(start, start + args.batch_size)
+        out.append([int(epoch_order(n_examples, i // n_examples, args.seed, args.shuffle)[i % n_examples])
+                    for i in idx])
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n_examples, epoch, seed, shuffle):
+    """The example order of one epoch (computed once per epoch, not once per step)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_examples) if shuffle else np.arange(n_examples)
 
 
 def total_steps(args, n_examples):
