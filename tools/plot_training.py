@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def compact_finetune_log(path, every=25):
     """npvlm.finetune's per-step log -> means over `every` steps, plus every evaluation."""
     record = json.loads(Path(path).read_text())
-    steps = [e for e in record["log"] if "demo_scores" not in e and "val_loss" not in e]
+    steps = record["log"]                 # every step's entry; a check's results sit in its step's
     log = []
     for i in range(0, len(steps) - every + 1, every):
         chunk = steps[i:i + every]
@@ -31,17 +31,17 @@ def compact_finetune_log(path, every=25):
     evals = [{"step": e["step"], "val_loss": e.get("val_loss"), "demo_scores": e.get("demo_scores")}
              for e in record["log"] if "demo_scores" in e or "val_loss" in e]
     options = {k: v for k, v in record["options"].items() if k not in ("data", "val", "out")}
-    return {"options": options, "log": log, "evals": evals}
+    return {"options": options, "every": every, "log": log, "evals": evals}
 
 
 def plot_finetune():
     record = json.loads((ROOT / "docs" / "demo_finetune.json").read_text())
     log, evals = record["log"], record["evals"]
     fig, (ax, axv) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=100)
-    ax.plot([e["step"] for e in log], [e["loss"] for e in log], lw=1.2, label="training (mean of 25 steps)")
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], lw=1.2, label=f"training (mean of {record['every']} steps)")
     ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", lw=1.2, label="validation")
     ax.set_yscale("log")
-    ax.set_xlabel("step (batch 48)")
+    ax.set_xlabel(f"step (batch {record['options']['batch_size']})")
     ax.set_ylabel("loss (answer tokens, per example)")
     ax.set_title("fine-tuning the demo decoder on three new skills")
     ax.grid(alpha=0.3)
