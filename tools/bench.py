@@ -360,7 +360,8 @@ def model_costs(size):
 # ---- driver -----------------------------------------------------------------------------------
 
 def run_worker(kind, size, folder, args):
-    warm_page_cache(folder)
+    if kind != "limits":              # the limits worker reads no checkpoint
+        warm_page_cache(folder)
     cmd = [sys.executable, __file__, "--worker", kind, "--size", size, "--model", str(folder),
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--backend", args.backend, "--hf-device", args.hf_device,

@@ -14,8 +14,8 @@
 #                        run, synchronized timers), 3B-224 shapes, random weights
 #   gpu_bench_train.md   tools/bench_train.py: one forward + backward, 3B-224, attention only
 #   gpu_full_tests.txt   (STAGE full) the whole suite, NumPy and CuPy cases
-# Budget (one H100/H200, 16 cores): about 1 + 3 + 3 + 2 minutes; the device tool allows 10 per
-# command and 15 per task, start-up included.
+# Budget: the step limits of `all` add up to 60 + 180 + 210 + 120 = 570 s, under the device
+# tool's 600 s a command (run it with timeout_s 590; 15 minutes a task, start-up included).
 #
 # The device machines have cupy-cuda13x, torch and transformers but no network. npvlm's other
 # dependencies are installed, when missing, from a wheelhouse carried in .gpu_wheels/ (make it
@@ -64,10 +64,13 @@ EOF
 } > "$out/gpu_env.txt" 2>&1
 
 missing=$(python - <<'EOF'
-import importlib
+import importlib, sys
 need = {"sentencepiece": "sentencepiece", "PIL": "pillow", "tqdm": "tqdm", "pytest": "pytest",
         "hypothesis": "hypothesis", "safetensors": "safetensors", "ml_dtypes": "ml_dtypes",
-        "iniconfig": "iniconfig", "pluggy": "pluggy", "sortedcontainers": "sortedcontainers"}
+        "iniconfig": "iniconfig", "pluggy": "pluggy", "sortedcontainers": "sortedcontainers",
+        "packaging": "packaging", "pygments": "pygments"}       # the wheelhouse's list (make_gpu_wheels.sh)
+if sys.version_info < (3, 11):                                  # pytest's backports
+    need.update(exceptiongroup="exceptiongroup", tomli="tomli")
 print(" ".join(p for m, p in need.items() if importlib.util.find_spec(m) is None))
 EOF
 )
@@ -85,7 +88,7 @@ python -c "from npvlm.backend import get_backend; get_backend('$backend'); print
 cat "$out/gpu_env.txt"
 
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
-  step smoke 90 gpu_smoke.txt python - "$backend" <<'EOF'
+  step smoke 60 gpu_smoke.txt python - "$backend" <<'EOF'
 import sys, time
 import numpy as np
 import npvlm
@@ -105,14 +108,14 @@ EOF
   if [ "$rehearsal" = 1 ]; then
     step tests 400 gpu_tests.txt python -m pytest -q -rs -p no:cacheprovider tests/test_fake_cupy.py
   else
-    step tests 240 gpu_tests.txt python -m pytest -q -rs -p no:cacheprovider -m gpu --durations=15
+    step tests 180 gpu_tests.txt python -m pytest -q -rs -p no:cacheprovider -m gpu --durations=15
   fi
 fi
 
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  step bench 240 gpu_bench.md python tools/bench.py --sizes "$sizes" --backend "$backend" \
+  step bench 210 gpu_bench.md python tools/bench.py --sizes "$sizes" --backend "$backend" \
     --hf-device "$hf_device" --repeats "$repeats" --no-write
-  step bench_train 180 gpu_bench_train.md python tools/bench_train.py --cases "$train_case" \
+  step bench_train 120 gpu_bench_train.md python tools/bench_train.py --cases "$train_case" \
     --backend "$backend" --hf-device "$hf_device" --repeats "$repeats" --no-bf16
 fi
 

@@ -5,7 +5,8 @@
 #
 # .gpu_wheels/<version>/ holds the compiled wheels for each Python, .gpu_wheels/any/ the pure
 # ones. NumPy, CuPy, torch and transformers are not included (the device has them). The device
-# tool carries at most 64 MiB with the working tree, so the script prints the total.
+# tool carries at most 64 MiB with the working tree, so the script prints the total. The list is
+# the one tools/gpu_check.sh checks for (exceptiongroup and tomli: pytest's needs on Python 3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
@@ -14,9 +15,9 @@ platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --pl
 rm -rf .gpu_wheels
 mkdir -p .gpu_wheels/any
 pip download -q --no-deps --only-binary=:all: -d .gpu_wheels/any \
-  tqdm pytest pluggy iniconfig packaging pygments sortedcontainers "safetensors>=0.4"
+  tqdm pytest pluggy iniconfig packaging pygments sortedcontainers exceptiongroup "safetensors>=0.4"
 for v in "${versions[@]}"; do
   pip download -q --no-deps --only-binary=:all: --python-version "$v" "${platforms[@]}" \
-    -d ".gpu_wheels/$v" sentencepiece pillow ml_dtypes hypothesis
+    -d ".gpu_wheels/$v" sentencepiece pillow ml_dtypes hypothesis tomli
 done
 du -sh .gpu_wheels
