@@ -14,13 +14,12 @@ from helpers import BACKENDS, LIVE_SPECS
 
 pytestmark = pytest.mark.live
 
-SPECS = LIVE_SPECS
 
 
-@pytest.fixture(scope="module", params=sorted(SPECS))
+@pytest.fixture(scope="module", params=sorted(LIVE_SPECS))
 def fresh(request, torch_and_transformers, tmp_path_factory):
     import hf_reference as ref
-    spec = SPECS[request.param]
+    spec = LIVE_SPECS[request.param]
     model = ref.build_tiny_model(spec, seed=1234)
     inputs = ref.make_inputs(spec, seed=99)
     stages = ref.capture_stages(model, **inputs, attentions=True)

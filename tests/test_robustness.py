@@ -983,12 +983,15 @@ def test_finetune_bad_input(case, base, tmp_path):
     """One `error:` line, the documented exit code, no traceback, and nothing written to --out
     (what was there before stays as it was)."""
     argv = case.build(tmp_path, base)
-    before = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
+    out = Path(argv[argv.index("--out") + 1])           # the input model itself, in ft-out-is-input
+
+    def listing():
+        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir()) if out.is_dir() else None
+    before = listing()
     r = run_finetune_cli(argv, tmp_path)
     code, fragment = case.error
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == code, (r.returncode, r.stderr)
     assert r.last_line.startswith("error:") and fragment in r.last_line, r.stderr
-    after = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").is_dir() else None
-    assert after == before, "the output folder changed"
-    assert not list(tmp_path.glob(".out.*.tmp")), "a temporary output folder was left behind"
+    assert listing() == before, "the output folder changed"
+    assert not list(out.parent.glob(f".{out.name}.*.tmp")), "a temporary output folder was left behind"

@@ -60,7 +60,7 @@ def test_shape_counts_and_color_questions():
         for prompt, answer in tasks(s):
             if task_kind(prompt) == "shape_count":
                 shape = prompt.split()[4][:-1]            # "circles" -> "circle"
-                assert answer == str(sum(o.shape == shape for o in s.objects)) and answer in "0123"
+                assert answer == str(sum(o.shape == shape for o in s.objects)) and answer in {"0", "1", "2", "3"}
             if task_kind(prompt) == "color_shape":
                 color = prompt.split()[-1].rstrip("?")
                 assert [o.shape for o in s.objects if o.color == color] == [answer]

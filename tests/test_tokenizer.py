@@ -175,7 +175,6 @@ def test_batch_with_suffixes_equals_hf(ours, hf):
     want = hf(images=blank(2), text=prompts, suffix=suffixes, padding="longest", return_tensors="np")
     for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert got["input_ids"].shape[1] > 0 and (got["labels"][:, 0] == -100).all()      # left padding
     assert (got["attention_mask"] == 0).any(), "the two rows should differ in length (padding)"
 
 
