@@ -103,18 +103,20 @@ def pinned_transformers():
     raise AssertionError("setup.cfg: no transformers pin in the reference extra")
 
 
-def golden_meta():
-    path = GOLDENS / "meta.json"
+def golden_meta(file="meta.json", regenerate=REGENERATE):
+    """A golden set's meta file, refused when missing or stale (another format version, or made
+    with another transformers than setup.cfg pins). grad_meta.json: the gradient goldens'."""
+    path = GOLDENS / file
     if not path.is_file():
-        pytest.fail(f"golden files missing ({path}); regenerate with: {REGENERATE}")
+        pytest.fail(f"golden files missing ({path}); regenerate with: {regenerate}")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != GOLDEN_FORMAT_VERSION:
         pytest.fail(f"golden files are stale (format {meta.get('format_version')}, tests expect "
-                    f"{GOLDEN_FORMAT_VERSION}); regenerate with: {REGENERATE}")
+                    f"{GOLDEN_FORMAT_VERSION}); regenerate with: {regenerate}")
     made_with = meta.get("versions", {}).get("transformers")
     if made_with != pinned_transformers():
         pytest.fail(f"golden files are stale (made with transformers {made_with}, setup.cfg pins "
-                    f"{pinned_transformers()}); regenerate with: {REGENERATE}")
+                    f"{pinned_transformers()}); regenerate with: {regenerate}")
     return meta
 
 
@@ -149,6 +151,7 @@ class GradGolden:
     parameter's gradient, the stage gradients and the fp32-vs-fp64 noise floors."""
 
     def __init__(self, name):
+        golden_meta("grad_meta.json", REGENERATE_GRADS)
         path = GOLDENS / name / "grads.npz"
         if not path.is_file():
             pytest.fail(f"{path} missing; regenerate with: {REGENERATE_GRADS}")

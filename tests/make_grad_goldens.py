@@ -34,10 +34,9 @@ from npvlm.training import flatten
 from npvlm.weights import canonical_name, tree_name
 
 import hf_reference as ref
+from helpers import GOLDEN_FORMAT_VERSION, GOLDEN_MODELS, GOLDENS
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDENS = ROOT / "tests" / "goldens"
-MODELS = ("pg1_mqa_hub", "pg1_gqa_v5", "pg2_gqa_hub", "pg2_gqa_v5")
+MODELS = GOLDEN_MODELS
 EXAMPLES_SEED = 5
 LENGTHS = ((6, 5), (3, 2), (4, 7))      # (prefix tokens, suffix tokens) of the three examples
 
@@ -110,7 +109,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=GOLDENS)
     args = p.parse_args()
-    meta = {"format_version": 1, "generated_by": "python tests/make_grad_goldens.py",
+    meta = {"format_version": GOLDEN_FORMAT_VERSION, "generated_by": "python tests/make_grad_goldens.py",
             "versions": ref.versions(), "models": {name: make(name, args.out) for name in MODELS}}
     (args.out / "grad_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 

@@ -19,7 +19,6 @@ trained ones). Prints a markdown table.
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -34,7 +33,6 @@ BOS, NEWLINE, EOS = 2, 108, 1
 PREFIX, SUFFIX = 10, 20
 CASES = {"mid-all": ("mid", "all"), "3b-attention": ("3b", "attention"), "3b-lora": ("3b", "lora")}
 LORA = dict(rank=8, alpha=8)          # transformers' PaliGemma LoRA recipe: r = 8 on q/k/v/o/gate/up/down
-ATTENTION = re.compile(r"text\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 
 
 def batch(size, B):
@@ -91,10 +89,11 @@ def worker_hf(args):
         model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                  target_modules=list(PEFT_RECIPE)))
     else:
+        from npvlm.training import trainable
         from npvlm.weights import canonical_name, tree_name
+        wanted = trainable(args.train)                # the same parameters npvlm trains
         for name, p in model.named_parameters():
-            tree = tree_name(canonical_name(name))
-            p.requires_grad_(args.train == "all" or ATTENTION.fullmatch(tree) is not None)
+            p.requires_grad_(wanted(tree_name(canonical_name(name))))
     inputs = {k: torch.from_numpy(v).to(device) for k, v in batch(args.size, args.batch).items()}
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     times = []
