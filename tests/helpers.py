@@ -1,6 +1,6 @@
 """Helpers the tests share (conftest.py holds only fixtures and hooks): the live tests' tiny
 configs, the one-line-error check, golden sets, safetensors files written with the `safetensors`
-package, and a random-weight model folder made without torch."""
+package, a random-weight model folder made without torch, and demo-world fine-tuning data."""
 
 import configparser
 import json
@@ -11,10 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import sentencepiece as spm
+from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from npvlm.config import config_from_dict
+from npvlm.demo.scenes import make_scene, tasks
 from npvlm.trace import stage_names
 from npvlm.weights import expected_shapes
 
@@ -198,3 +200,18 @@ def write_random_model(folder, seed=0, image_size=28, max_positions=64, tokenize
     save_safetensors(folder / "model.safetensors", tensors)
     shutil.copy(tokenizer, folder / "tokenizer.model")
     return folder
+
+
+# ---- fine-tuning data -------------------------------------------------------------------------
+
+def make_data(folder, n=4, seed=0):
+    """n demo-world examples (image files + train.jsonl) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        scene = make_scene(np.random.default_rng([seed, i]))
+        Image.fromarray(scene.image).save(folder / f"s{i}.png")
+        prompt, answer = tasks(scene)[i % 2]
+        lines.append(json.dumps({"image": f"s{i}.png", "prefix": prompt, "suffix": answer}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"

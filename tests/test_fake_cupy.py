@@ -20,8 +20,7 @@ from npvlm.sampling import SamplingOptions
 from npvlm.training import flatten, loss_and_grads, trained_arrays
 
 import fake_cupy
-from helpers import GOLDENS, GradGolden
-from test_finetune import make_data
+from helpers import GOLDENS, GradGolden, make_data
 
 MODELS = ["pg1_mqa_hub", "pg2_gqa_v5"]
 

@@ -11,29 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors import safe_open
 
 import npvlm
 from npvlm import finetune
-from npvlm.demo.scenes import make_scene, tasks
+from npvlm.demo.scenes import make_scene
 from npvlm.errors import InputError
 from npvlm.training import flatten, loss_and_grads
 
-from helpers import GOLDENS, ROOT, read_safetensors
-
-
-def make_data(folder, n=4, seed=0):
-    """n demo-world examples (image files + train.jsonl) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        scene = make_scene(np.random.default_rng([seed, i]))
-        Image.fromarray(scene.image).save(folder / f"s{i}.png")
-        prompt, answer = tasks(scene)[i % 2]
-        lines.append(json.dumps({"image": f"s{i}.png", "prefix": prompt, "suffix": answer}))
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "train.jsonl"
+from helpers import GOLDENS, ROOT, make_data, read_safetensors
 
 
 def stored_dtypes(path):
