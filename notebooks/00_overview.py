@@ -32,7 +32,7 @@
 #
 # | stage | npvlm | notebook |
 # |---|---|---|
-# | file → RGB image → `pixel_values [B, 3, R, R]` | `npvlm.image` | 01 |
+# | file → RGB image → `pixel_values [B, 3, R, R]` | `npvlm.inputs.image` | 01 |
 # | patches → `[B, N, D_v]` | `siglip.patch_embed` | 02 |
 # | SigLIP encoder layers | `siglip.encoder_layer` | 03 |
 # | projector, merge with the text embeddings | `paligemma.encode_images`, `merge_embeddings` | 04 |
@@ -57,7 +57,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.trace import compare_stages
+from npvlm.parity import compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
@@ -82,7 +82,7 @@ print(f"Gemma:  {t.num_hidden_layers} layers x width D = {t.hidden_size}, {t.num
 # %%
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import make_scene, tasks
-from npvlm.image import load_image
+from npvlm.inputs.image import load_image
 
 image = load_image(SAMPLE_SCENE)
 print(f"{SAMPLE_SCENE.name}: {image.size[0]}x{image.size[1]} {image.mode}")
@@ -213,7 +213,7 @@ plt.show()
 # pixels (notebook 08).
 
 # %%
-from npvlm.draw import draw_objects
+from npvlm.tasks.draw import draw_objects
 
 prompts = ["caption en", "answer en what color is the circle?", "answer en how many shapes are there?",
            "detect circle"]
@@ -245,8 +245,8 @@ plt.show()
 # garbage). The goldens are committed files: this check needs neither torch nor transformers.
 
 # %%
-from npvlm.generate import greedy_ids
-from npvlm.trace import stage_names
+from npvlm.generation.generate import greedy_ids
+from npvlm.model.record import stage_names
 
 golden = dict(np.load(GOLDENS / "pg1_mqa_hub" / "goldens.npz"))
 gmodel = npvlm.load(GOLDENS / "pg1_mqa_hub" / "model")

@@ -45,8 +45,8 @@ from PIL import Image
 
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.image import MEAN, RESCALE, STD, load_image, preprocess
-from npvlm.trace import compare
+from npvlm.inputs.image import MEAN, RESCALE, STD, load_image, preprocess
+from npvlm.parity import compare
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 
@@ -145,7 +145,7 @@ plt.show()
 # %% [markdown]
 # ## 4. The same in one call, and in the processor
 #
-# `npvlm.image.preprocess(image, R)` is steps 1–3; the processor stacks one per prompt.
+# `npvlm.inputs.image.preprocess(image, R)` is steps 1–3; the processor stacks one per prompt.
 
 # %%
 ours = preprocess(SAMPLE_SCENE, R)
@@ -155,7 +155,7 @@ print(f"preprocess -> {ours.dtype} {list(ours.shape)}; processor -> {list(batch.
 # %% [markdown]
 # ## Check
 #
-# 1. The steps above equal `npvlm.image.preprocess`, and the processor's batch.
+# 1. The steps above equal `npvlm.inputs.image.preprocess`, and the processor's batch.
 # 2. Hand values: a uniform color stays uniform under any resize, so every pixel must be
 #    exactly `(c / 255 - 0.5) / 0.5`.
 # 3. The committed Hugging Face golden `tests/goldens/preprocess/goldens.npz`, made by

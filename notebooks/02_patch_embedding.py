@@ -40,9 +40,9 @@ import numpy as np
 
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.image import preprocess
-from npvlm.siglip import patch_embed, patchify
-from npvlm.trace import compare, compare_stages
+from npvlm.inputs.image import preprocess
+from npvlm.model.siglip import patch_embed, patchify
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers

@@ -43,13 +43,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.attention import attention, split_heads
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import make_scene
-from npvlm.image import preprocess
-from npvlm.layers import gelu_tanh, layer_norm, linear, softmax
-from npvlm.siglip import encoder_layer, mlp, patch_embed, self_attention, vision_tower
-from npvlm.trace import compare, compare_stages, vision_stage_names
+from npvlm.inputs.image import preprocess
+from npvlm.model.attention import attention, split_heads
+from npvlm.model.layers import gelu_tanh, layer_norm, linear, softmax
+from npvlm.model.record import vision_stage_names
+from npvlm.model.siglip import encoder_layer, mlp, patch_embed, self_attention, vision_tower
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
@@ -88,7 +89,7 @@ print(compare("LN = plain * gamma + beta", x, plain * ln1["weight"] + ln1["bias"
 #
 # Project to queries, keys and values, split the width into $H_q$ heads (an array axis, never a
 # Python loop, `attention.split_heads`), and let every patch attend to every patch. The attention
-# weights are computed here by hand from the same parameters; `npvlm.attention.attention` keeps
+# weights are computed here by hand from the same parameters; `npvlm.model.attention.attention` keeps
 # its own when given a dict `save` (it stores q, k, v and `probs` there), which is how a trace
 # records them.
 
@@ -110,7 +111,7 @@ out = linear(merged, **sa["out_proj"])
 print(compare("softmax(QK^T/sqrt(E))V, out_proj", out, self_attention(x, sa, vcfg)))
 saved = {}                                  # attention reads the scale (and cap) from the config
 print(f"vcfg.attn_scale = {vcfg.attn_scale:.4f} = E**-0.5, vcfg.attn_logit_softcapping = {vcfg.attn_logit_softcapping}")
-print(compare("npvlm.attention.attention", merged, attention(q, k, v, None, vcfg, save=saved)))
+print(compare("npvlm.model.attention.attention", merged, attention(q, k, v, None, vcfg, save=saved)))
 print(compare("its saved probs", probs, saved["probs"]))
 
 # %% [markdown]

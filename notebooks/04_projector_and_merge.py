@@ -40,11 +40,11 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.errors import InputError
-from npvlm.gemma import embed_tokens
-from npvlm.layers import linear
-from npvlm.paligemma import encode_images, merge_embeddings
-from npvlm.siglip import vision_tower
-from npvlm.trace import compare, compare_stages
+from npvlm.model.gemma import embed_tokens
+from npvlm.model.layers import linear
+from npvlm.model.paligemma import encode_images, merge_embeddings
+from npvlm.model.siglip import vision_tower
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers

@@ -48,15 +48,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.attention import attention
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.gemma import geglu, gemma_block, lm_head, self_attention
-from npvlm.layers import gelu_tanh, linear, rms_norm, softmax
-from npvlm.masks import prefill_masks, prefix_lm_mask
-from npvlm.paligemma import encode_images, final_norm, merge_embeddings
-from npvlm.rope import apply_rope, prompt_positions, rope_tables
-from npvlm.siglip import split_heads
-from npvlm.trace import compare, compare_stages, text_stage_names
+from npvlm.model.attention import attention
+from npvlm.model.gemma import geglu, gemma_block, lm_head, self_attention
+from npvlm.model.layers import gelu_tanh, linear, rms_norm, softmax
+from npvlm.model.masks import prefill_masks, prefix_lm_mask
+from npvlm.model.paligemma import encode_images, final_norm, merge_embeddings
+from npvlm.model.record import text_stage_names
+from npvlm.model.rope import apply_rope, prompt_positions, rope_tables
+from npvlm.model.siglip import split_heads
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
@@ -164,7 +165,7 @@ plt.show()
 # ## 3. Attention with shared K/V heads
 #
 # The model has $H_q$ = `Hq` query heads but only $H_k$ = `Hk` key/value heads (PaliGemma 1:
-# one, multi-query attention). `npvlm.attention.attention` never copies K and V per head: it
+# one, multi-query attention). `npvlm.model.attention.attention` never copies K and V per head: it
 # reshapes the queries to `[B, Hk, G·T, E]`, so one matmul per K/V head covers its G query heads.
 # HF instead repeats K/V (`repeat_kv`); the results are equal. The KV cache stores only the Hk heads.
 # `attention` reads the scale (and Gemma 2's cap) from the config, and given a dict `save` it

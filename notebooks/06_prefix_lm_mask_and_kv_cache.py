@@ -48,8 +48,8 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import caption, make_scene
-from npvlm.masks import decode_mask, prefix_lm_mask
-from npvlm.trace import compare, compare_stages
+from npvlm.model.masks import decode_mask, prefix_lm_mask
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers

@@ -43,8 +43,8 @@ import numpy as np
 
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.sampling import SamplingOptions, choose, filtered_probs, row_generators
-from npvlm.trace import compare
+from npvlm.generation.sampling import SamplingOptions, choose, filtered_probs, row_generators
+from npvlm.parity import compare
 
 plt.rcParams.update({"figure.dpi": 72})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers

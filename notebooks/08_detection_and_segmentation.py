@@ -45,11 +45,11 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import detection_text, make_scene
-from npvlm.detection import encode_box, iou, parse_detections
-from npvlm.draw import draw_objects
-from npvlm.image import load_image
-from npvlm.segmentation import decode_masks, load_vae, object_masks, paste_mask
-from npvlm.trace import compare
+from npvlm.inputs.image import load_image
+from npvlm.parity import compare
+from npvlm.tasks.detection import encode_box, iou, parse_detections
+from npvlm.tasks.draw import draw_objects
+from npvlm.tasks.segmentation import decode_masks, load_vae, object_masks, paste_mask
 
 ROOT = Path(npvlm.__file__).resolve().parent.parent
 # The mask decoder. tests/fixtures/vae/vae-tiny.npz has the official layout but RANDOM weights

@@ -50,12 +50,13 @@ GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # 
 MODEL = GOLDENS / "pg2_gqa_v5" / "model"
 
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.gemma import gemma2_block, gemma_block, lm_head
-from npvlm.generate import greedy_ids
-from npvlm.layers import softcap
-from npvlm.masks import decode_mask, prefill_masks
-from npvlm.rope import prompt_positions, rope_tables
-from npvlm.trace import compare, compare_stages, stage_names
+from npvlm.generation.generate import greedy_ids
+from npvlm.model.gemma import gemma2_block, gemma_block, lm_head
+from npvlm.model.layers import softcap
+from npvlm.model.masks import decode_mask, prefill_masks
+from npvlm.model.record import stage_names
+from npvlm.model.rope import prompt_positions, rope_tables
+from npvlm.parity import compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
 model = npvlm.load(MODEL)

@@ -49,11 +49,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm import gemma, layers, loss, paligemma
-from npvlm.attention import attention_backward, projections_backward
-from npvlm.rope import apply_rope_backward
-from npvlm.trace import compare_grad
-from npvlm.training import flatten, loss_and_grads, save_plan
+from npvlm.model import gemma, layers, loss, paligemma
+from npvlm.model.attention import attention_backward, projections_backward
+from npvlm.model.rope import apply_rope_backward
+from npvlm.parity import compare_grad
+from npvlm.training.grads import flatten, loss_and_grads, save_plan
 
 plt.rcParams.update({"figure.dpi": 72})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"

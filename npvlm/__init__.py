@@ -1,8 +1,8 @@
 """npvlm: PaliGemma as explicit NumPy/CuPy array math, equal to Hugging Face transformers."""
 
+from .api import PaliGemma, load
 from .config import PaliGemmaConfig, TextConfig, VisionConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, NpvlmError
-from .model import PaliGemma, load
 
 __version__ = "0.1.0"
 

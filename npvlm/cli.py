@@ -15,20 +15,20 @@ import os
 import sys
 import time
 
-from .atomic import check_writable, image_format, save_image_atomic
+from .api import check_model_dir, check_weights_option, load
 from .backend import get_backend
 from .config import load_config
 from .demo import MODEL_DIR as DEMO_MODEL
 from .demo import SAMPLE_SCENE
 from .demo.scenes import trained_prompts
-from .draw import draw_objects
 from .errors import InputError, NpvlmError, one_line
-from .generate import check_generation_args
-from .image import load_image
-from .model import check_model_dir, check_weights_option, load
-from .processor import Processor
-from .sampling import SamplingOptions
-from .segmentation import load_vae, object_masks
+from .generation.generate import check_generation_args
+from .generation.sampling import SamplingOptions
+from .inputs.image import load_image
+from .inputs.processor import Processor
+from .saving.atomic import check_writable, image_format, save_image_atomic
+from .tasks.draw import draw_objects
+from .tasks.segmentation import load_vae, object_masks
 
 SIGPIPE_EXIT = 141          # 128 + SIGPIPE: what a Unix tool whose reader went away exits with
 

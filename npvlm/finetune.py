@@ -34,18 +34,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .atomic import write_text_atomic
+from .api import check_model_dir, load
 from .backend import synchronize, to_host
-from .checkpoint import SAVE_DTYPES, check_output, save_checkpoint
 from .cli import _Help, _Parser
 from .demo.evaluate import eval_items, predict, score
 from .errors import InputError, one_line
-from .image import load_image
-from .lora import PEFT_RECIPE, add_lora
-from .model import check_model_dir, load
-from .optim import SCHEDULES, SGD, AdamW, clip_grad_norm, lr_at
-from .paligemma import forward_loss
-from .training import TRAIN_SETS, check_finite, flatten, loss_and_grads, trained_arrays, with_fp32_masters
+from .inputs.image import load_image
+from .model.paligemma import forward_loss
+from .saving.atomic import write_text_atomic
+from .saving.checkpoint import SAVE_DTYPES, check_output, save_checkpoint
+from .training.grads import TRAIN_SETS, check_finite, flatten, loss_and_grads, trained_arrays, with_fp32_masters
+from .training.lora import PEFT_RECIPE, add_lora
+from .training.optim import SCHEDULES, SGD, AdamW, clip_grad_norm, lr_at
 
 OPTIMIZERS = ("sgd", "adamw")
 

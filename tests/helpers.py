@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 
 from npvlm.config import config_from_dict
 from npvlm.demo.scenes import make_scene, tasks
-from npvlm.trace import stage_names
-from npvlm.weights import expected_shapes
+from npvlm.loading.weights import expected_shapes
+from npvlm.model.record import stage_names
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
@@ -144,7 +144,7 @@ class Golden:
         return stage_names(n_vision, n_text)
 
     def batch(self):
-        """The golden inputs as a batch dict (npvlm.paligemma)."""
+        """The golden inputs as a batch dict (npvlm.model.paligemma)."""
         return {k: self.arrays[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
 
 

@@ -37,7 +37,7 @@ The tests check a fragment of each message (and that every case is listed here);
 tool after changing a message or adding a case.
 
 Columns: **API** is the exception and message of `npvlm.load(folder).generate(image, prompt,
-...)` (plus `npvlm.image.load_image` and `npvlm.atomic` for `allow_huge` and drawing); **run.py** is
+...)` (plus `npvlm.inputs.image.load_image` and `npvlm.saving.atomic` for `allow_huge` and drawing); **run.py** is
 the last stderr line of `python run.py IMAGE PROMPT --model DIR ...`; **exit** its exit status.
 "Before load" means run.py refuses before it reads the model, so a mistake costs no loading time.
 """
@@ -62,7 +62,7 @@ of tensor data is read.
   and `trust_remote_code` are ignored, and no Python file in the model folder is ever imported.
   The PaliGemma architecture is implemented here, so there is nothing to trust.
 - **The VQ-VAE for `segment` answers** (`run.py --vae vae-oid.npz`,
-  `npvlm.segmentation.load_vae`) is read with `np.load(..., allow_pickle=False)` after checking
+  `npvlm.tasks.segmentation.load_vae`) is read with `np.load(..., allow_pickle=False)` after checking
   that the file is a zip archive, so neither a pickle renamed `.npz` nor an `.npz` holding
   pickled object arrays is ever unpickled.
 - **The tokenizer is data too.** `tokenizer.model` is parsed by SentencePiece as a protobuf
@@ -71,11 +71,11 @@ of tensor data is read.
 - **Images**: Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89.5 M
   pixels) is kept; a file over it is refused from its header alone, before any pixels are
   decoded. Lift it per call for a file you trust: `--allow-huge-image` or
-  `npvlm.image.load_image(path, allow_huge=True)`.
+  `npvlm.inputs.image.load_image(path, allow_huge=True)`.
 
 ## Atomic outputs: nothing is lost
 
-Files that npvlm writes (`run.py --draw OUT.png`, `npvlm.atomic.save_image_atomic`,
+Files that npvlm writes (`run.py --draw OUT.png`, `npvlm.saving.atomic.save_image_atomic`,
 `write_text_atomic`) are written to a temporary file in the same folder
 (`.OUT.png.<random>.tmp`), flushed to disk, then renamed over the destination in one step
 (`os.replace`). So:
@@ -172,7 +172,7 @@ def main():
     if args.out == "-":
         print(text)
     else:
-        from npvlm.atomic import write_text_atomic
+        from npvlm.saving.atomic import write_text_atomic
         write_text_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
 

@@ -30,8 +30,8 @@ import torch
 from transformers import PaliGemmaForConditionalGeneration
 
 import npvlm
-from npvlm.training import flatten
-from npvlm.weights import canonical_name, tree_name
+from npvlm.loading.weights import canonical_name, tree_name
+from npvlm.training.grads import flatten
 
 import hf_reference as ref
 from helpers import GOLDEN_FORMAT_VERSION, GOLDEN_MODELS, GOLDENS

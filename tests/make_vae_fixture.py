@@ -121,7 +121,7 @@ def state_arrays(model):
 
 def torch_stages(model, codes):
     """The reference forward, stage by stage, channels-last (NHWC) float32 arrays named as
-    npvlm.segmentation.decode_masks' trace names."""
+    npvlm.tasks.segmentation.decode_masks' trace names."""
     dec = model.decoder
     with torch.no_grad():
         x = model.embed(torch.as_tensor(np.asarray(codes), dtype=torch.long))

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from npvlm import attention as att
-from npvlm import gemma, layers, loss, paligemma, siglip
-from npvlm.masks import additive, prefix_lm_mask
-from npvlm.rope import apply_rope, apply_rope_backward, rope_tables
-from npvlm.training import flatten
+from npvlm.model import attention as att
+from npvlm.model import gemma, layers, loss, paligemma, siglip
+from npvlm.model.masks import additive, prefix_lm_mask
+from npvlm.model.rope import apply_rope, apply_rope_backward, rope_tables
+from npvlm.training.grads import flatten
 
 EPS = 1e-6
 RTOL = 1e-6          # float64 central differences are exact to ~1e-9 relative on these sizes
@@ -235,7 +235,7 @@ def test_whole_training_loss_in_float64(tmp_path):
     """forward_loss + backward of a whole (tiny, random) model in float64, against central
     differences on a few entries of tensors from every part of the model."""
     import npvlm
-    from npvlm.training import loss_and_grads
+    from npvlm.training.grads import loss_and_grads
 
     from helpers import write_random_model
     model = npvlm.load(write_random_model(tmp_path / "m", seed=3))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm import bf16
-from npvlm.bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from npvlm.errors import InputError
-from npvlm.generate import greedy_ids
-from npvlm.trace import compare, compare_stages
-from npvlm.training import flatten
+from npvlm.generation.generate import greedy_ids
+from npvlm.loading import bf16
+from npvlm.loading.bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
+from npvlm.parity import compare, compare_stages
+from npvlm.training.grads import flatten
 
 from helpers import Golden, one_line_error
 

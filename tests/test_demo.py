@@ -13,7 +13,7 @@ import npvlm
 from npvlm.demo import MODEL_DIR as DEMO_MODEL
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import COLORS, SHAPES, make_scene
-from npvlm.detection import iou
+from npvlm.tasks.detection import iou
 
 from helpers import ROOT
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npvlm.detection import encode_box, iou, parse_detections
+from npvlm.tasks.detection import encode_box, iou, parse_detections
 
 
 def test_two_objects_in_y_x_order():

@@ -14,10 +14,10 @@ import npvlm
 from npvlm import finetune
 from npvlm.backend import to_host
 from npvlm.demo.scenes import make_scene
-from npvlm.generate import generate_ids
-from npvlm.optim import SGD, AdamW
-from npvlm.sampling import SamplingOptions
-from npvlm.training import flatten, loss_and_grads, trained_arrays
+from npvlm.generation.generate import generate_ids
+from npvlm.generation.sampling import SamplingOptions
+from npvlm.training.grads import flatten, loss_and_grads, trained_arrays
+from npvlm.training.optim import SGD, AdamW
 
 import fake_cupy
 from helpers import GOLDENS, GradGolden, make_data
@@ -92,7 +92,7 @@ def test_text_generation_equals_numpy(monkeypatch):
 def test_loss_and_every_gradient_equal_numpy(pair, train):
     cpu, dev, batch = pair
     if train == "lora":
-        from npvlm.lora import add_lora
+        from npvlm.training.lora import add_lora
         for model in (cpu, dev):
             add_lora(model.params, rank=4, alpha=8, seed=1)
     loss, grads = loss_and_grads(cpu.device_batch(batch), cpu.params, cpu.cfg, train)

@@ -17,7 +17,7 @@ import npvlm
 from npvlm import finetune
 from npvlm.demo.scenes import make_scene
 from npvlm.errors import InputError
-from npvlm.training import flatten, loss_and_grads
+from npvlm.training.grads import flatten, loss_and_grads
 
 from helpers import GOLDENS, ROOT, make_data, read_safetensors
 
@@ -88,7 +88,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
 @pytest.mark.parametrize("golden", ["pg1_mqa_hub", "pg1_gqa_v5"])
 def test_the_output_keeps_the_input_layout(tmp_path, golden):
     """Hub names in, hub names out (BF16, two shards + index); 5.x names in, 5.x names out (F32)."""
-    from npvlm.checkpoint import save_checkpoint
+    from npvlm.saving.checkpoint import save_checkpoint
     source = GOLDENS / golden / "model"
     model = npvlm.load(source)
     save_checkpoint(model.params, source, tmp_path / "out")
@@ -122,7 +122,7 @@ def test_lora_starts_at_the_base_model_and_is_merged_on_export(tmp_path):
     model = npvlm.load("demo")
     batch = finetune.make_batch(model, finetune.read_jsonl(data), data)
     base, _ = loss_and_grads(batch, model.params, model.cfg, "attention")
-    from npvlm.lora import add_lora
+    from npvlm.training.lora import add_lora
     names = add_lora(model.params, rank=4, alpha=8)
     assert "text.layers.0.mlp.down_proj" in names and "vision.layers.0.self_attn.q_proj" in names
     step0, grads = loss_and_grads(batch, model.params, model.cfg, "lora")
@@ -150,7 +150,7 @@ def test_transformers_loads_the_output_with_equal_logits(tmp_path, torch_and_tra
     with torch.no_grad():
         ref = hf(**{k: torch.from_numpy(v) for k, v in inputs.items()},
                  position_ids=torch.from_numpy(inputs["attention_mask"]).cumsum(-1)).logits.numpy()
-    from npvlm.trace import compare
+    from npvlm.parity import compare
     r = compare("logits", logits, ref)
     print(r)
     assert r.ok

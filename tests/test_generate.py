@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm import backend, paligemma, sampling
+from npvlm import backend
+from npvlm.api import PaliGemma
 from npvlm.backend import to_device
-from npvlm.generate import generate_ids
-from npvlm.model import PaliGemma
+from npvlm.generation import sampling
+from npvlm.generation.generate import generate_ids
+from npvlm.model import paligemma
 
 from helpers import write_random_model
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm.trace import compare_grad
-from npvlm.training import flatten, loss_and_grads
+from npvlm.parity import compare_grad
+from npvlm.training.grads import flatten, loss_and_grads
 
 from helpers import BACKENDS, GOLDEN_MODELS, GOLDENS, LIVE_SPECS, GradGolden
 
@@ -101,7 +101,7 @@ def live(request, torch_and_transformers, tmp_path_factory):
 def test_live_gradients_match_torch(live, reduction):
     import copy
 
-    from npvlm.weights import canonical_name, tree_name
+    from npvlm.loading.weights import canonical_name, tree_name
 
     import hf_reference as ref
     name, hf, model, examples = live

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 import npvlm
-from npvlm import hub
 from npvlm.demo import MODEL_DIR, SAMPLE_SCENE
 from npvlm.errors import ConfigError
+from npvlm.loading import hub
 
 from helpers import ROOT, one_line_error, write_random_model
 

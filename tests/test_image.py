@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from npvlm.errors import InputError
-from npvlm.image import load_image, preprocess, preprocess_batch
+from npvlm.inputs.image import load_image, preprocess, preprocess_batch
 
 from helpers import one_line_error
 from make_preprocess_goldens import (  # tests/make_preprocess_goldens.py (no torch needed): the goldens' images

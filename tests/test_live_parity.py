@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm.generate import greedy_ids
-from npvlm.trace import compare, compare_stages
-from npvlm.training import flatten
+from npvlm.generation.generate import greedy_ids
+from npvlm.parity import compare, compare_stages
+from npvlm.training.grads import flatten
 
 from helpers import BACKENDS, LIVE_SPECS
 

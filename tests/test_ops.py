@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from npvlm.attention import attention
 from npvlm.backend import to_host
-from npvlm.layers import gelu_tanh, layer_norm, rms_norm, softcap, softmax
-from npvlm.masks import additive, decode_mask, prefill_masks, prefix_lm_mask
-from npvlm.rope import apply_rope, prompt_positions, rope_tables
-from npvlm.siglip import patchify
+from npvlm.model.attention import attention
+from npvlm.model.layers import gelu_tanh, layer_norm, rms_norm, softcap, softmax
+from npvlm.model.masks import additive, decode_mask, prefill_masks, prefix_lm_mask
+from npvlm.model.rope import apply_rope, prompt_positions, rope_tables
+from npvlm.model.siglip import patchify
 
 rng = np.random.default_rng(0)
 

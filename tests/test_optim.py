@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm.optim import SGD, AdamW, clip_grad_norm, lr_at
-from npvlm.trace import compare_grad
-from npvlm.training import flatten, loss_and_grads, trained_arrays
+from npvlm.parity import compare_grad
+from npvlm.training.grads import flatten, loss_and_grads, trained_arrays
+from npvlm.training.optim import SGD, AdamW, clip_grad_norm, lr_at
 
 from helpers import LIVE_SPECS
 
@@ -58,7 +58,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ten_steps_equal_torch(torch_and_transformers, tmp_path, spec_name, case):
     torch, _ = torch_and_transformers
-    from npvlm.weights import canonical_name, tree_name
+    from npvlm.loading.weights import canonical_name, tree_name
 
     import hf_reference as ref
     c = CASES[case]

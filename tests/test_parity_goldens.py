@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm.generate import greedy_ids
-from npvlm.trace import ATOL, RTOL, compare, compare_stages
+from npvlm.generation.generate import greedy_ids
+from npvlm.parity import ATOL, RTOL, compare, compare_stages
 
 from helpers import BACKENDS
 

@@ -2,7 +2,7 @@
 
 One table, `CASES`: each case builds its input in a temporary folder and is run twice,
 
-- through the Python API (`npvlm.load(...).generate(...)`, `npvlm.image.load_image`,
+- through the Python API (`npvlm.load(...).generate(...)`, `npvlm.inputs.image.load_image`,
   `npvlm.io`): the documented exception type from `npvlm.errors`, its one-line message checked;
 - through `python run.py` in a subprocess: the last stderr line starts with `error:` and holds a
   specific fragment, the exit code is the documented one, stdout is empty, no "Traceback".
@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 
 import npvlm
-from npvlm.atomic import check_writable, image_format, save_image_atomic
 from npvlm.errors import BackendError, CheckpointError, ConfigError, InputError, NpvlmError
-from npvlm.image import load_image
+from npvlm.inputs.image import load_image
+from npvlm.saving.atomic import check_writable, image_format, save_image_atomic
 
 from helpers import ROOT, read_safetensors, save_safetensors, write_random_model
 
@@ -53,7 +53,7 @@ class Inputs:
     weights: str = "fp32"              # --weights / npvlm.load(weights=...)
     draw: Path = None                  # --draw OUT / npvlm.io.save_image_atomic
     allow_huge: bool = False           # --allow-huge-image / load_image(allow_huge=True)
-    vae: Path = None                   # --vae FILE / npvlm.segmentation.load_vae
+    vae: Path = None                   # --vae FILE / npvlm.tasks.segmentation.load_vae
     pillow_limit: int = None           # lower PIL.Image.MAX_IMAGE_PIXELS for this run
     check: object = None               # check(inputs, tmp) after the run: nothing lost or run
 
@@ -736,13 +736,13 @@ def run_api(inp):
             check_writable(inp.draw, inputs=[inp.image])
             image_format(inp.draw)
         if inp.vae is not None:
-            from npvlm.segmentation import load_vae
+            from npvlm.tasks.segmentation import load_vae
             load_vae(inp.vae)
         model = npvlm.load(inp.model, backend=inp.backend, weights=inp.weights)
         image = load_image(inp.image, allow_huge=True) if inp.allow_huge else inp.image
         out = model.generate(image, inp.prompt, **{"max_new_tokens": 2, **inp.api_kwargs})
         if inp.draw is not None:
-            from npvlm.draw import draw_objects
+            from npvlm.tasks.draw import draw_objects
             save_image_atomic(draw_objects(load_image(inp.image), out.detections().objects), inp.draw)
         return out
 

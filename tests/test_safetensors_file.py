@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from npvlm.bf16 import bf16_to_f32
 from npvlm.errors import CheckpointError
-from npvlm.safetensors_file import SafetensorsFile
+from npvlm.loading.bf16 import bf16_to_f32
+from npvlm.loading.safetensors_file import SafetensorsFile
 
 from helpers import one_line_error, save_safetensors
 

@@ -5,7 +5,7 @@ import pytest
 
 from npvlm.backend import to_host
 from npvlm.errors import InputError
-from npvlm.sampling import SamplingOptions, choose, filtered_probs, row_generators
+from npvlm.generation.sampling import SamplingOptions, choose, filtered_probs, row_generators
 
 rng = np.random.default_rng(0)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from npvlm.demo.scenes import BASE_KINDS, COLORS, KINDS, SHAPES, caption, make_scene, prompts_of, task_kind, tasks
-from npvlm.detection import iou, parse_detections
+from npvlm.tasks.detection import iou, parse_detections
 
 
 @pytest.mark.parametrize("seed", range(40))

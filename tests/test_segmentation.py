@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from npvlm.backend import to_device, to_host
-from npvlm.detection import DetectedObject, encode_box, parse_detections
-from npvlm.draw import draw_objects
 from npvlm.errors import CheckpointError, InputError
-from npvlm.segmentation import (
+from npvlm.parity import compare
+from npvlm.tasks.detection import DetectedObject, encode_box, parse_detections
+from npvlm.tasks.draw import draw_objects
+from npvlm.tasks.segmentation import (
     conv2d,
     conv_kernel,
     conv_transpose2d,
@@ -24,7 +25,6 @@ from npvlm.segmentation import (
     object_masks,
     paste_mask,
 )
-from npvlm.trace import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "vae"

@@ -16,8 +16,8 @@ from PIL import Image
 
 from npvlm.config import config_from_dict
 from npvlm.errors import CheckpointError, InputError
-from npvlm.processor import Processor
-from npvlm.tokenizer import Tokenizer
+from npvlm.inputs.processor import Processor
+from npvlm.inputs.tokenizer import Tokenizer
 
 from helpers import one_line_error
 

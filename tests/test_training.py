@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import npvlm
-from npvlm.bf16 import BF16Matrix
 from npvlm.errors import InputError
-from npvlm.paligemma import backward, forward_loss
-from npvlm.training import flatten, loss_and_grads, save_plan, with_fp32_masters
+from npvlm.loading.bf16 import BF16Matrix
+from npvlm.model.paligemma import backward, forward_loss
+from npvlm.training.grads import flatten, loss_and_grads, save_plan, with_fp32_masters
 
 from helpers import GOLDENS, GradGolden
 
 NAME = "pg2_gqa_v5"
-# written out here, independently of npvlm.training.PRESETS, so the preset is checked against it
+# written out here, independently of npvlm.training.grads.PRESETS, so the preset is checked against it
 ATTENTION = re.compile(r"text\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight")
 
 

@@ -9,9 +9,9 @@ import pytest
 
 import npvlm
 from npvlm.errors import CheckpointError
-from npvlm.safetensors_file import SafetensorsFile
-from npvlm.training import flatten
-from npvlm.weights import canonical_name, collapse_layers
+from npvlm.loading.safetensors_file import SafetensorsFile
+from npvlm.loading.weights import canonical_name, collapse_layers
+from npvlm.training.grads import flatten
 
 from helpers import GOLDENS, golden_meta, read_safetensors, save_safetensors
 

@@ -67,7 +67,7 @@ def make_checkpoint(size, cache, shard_bytes=2_000_000_000):
     from safetensors.numpy import save_file
 
     from npvlm.config import config_from_dict
-    from npvlm.weights import expected_shapes
+    from npvlm.loading.weights import expected_shapes
     folder = cache / SIZES[size]["name"]
     if (folder / "model.safetensors.index.json").is_file():
         return folder
@@ -330,7 +330,7 @@ def worker_floor(args):
     """The floor for `load`, in its own process like the loaders: read every checkpoint byte and
     widen BF16 -> fp32 into arrays that are kept, as any loader must keep them (so the OS has
     to hold the fp32 weights and the file cache at once, exactly as during a real load)."""
-    from npvlm.safetensors_file import SafetensorsFile
+    from npvlm.loading.safetensors_file import SafetensorsFile
     t0 = time.perf_counter()
     kept = []
     for path in sorted(Path(args.model).glob("*.safetensors")):
@@ -435,7 +435,7 @@ def table(size, npv, hf, limits, read_widen, info):
 
 def model_params_bytes(size):
     from npvlm.config import config_from_dict
-    from npvlm.weights import expected_shapes
+    from npvlm.loading.weights import expected_shapes
     return 4 * sum(int(np.prod(s)) for s in expected_shapes(config_from_dict(config_dict(size))).values())
 
 
@@ -517,7 +517,7 @@ def main():
             text = text[:text.index(start) + len(start)] + "\n" + report + "\n" + text[text.index(end):]
         else:
             text += f"\n{start}\n{report}\n{end}\n"
-        from npvlm.atomic import write_text_atomic
+        from npvlm.saving.atomic import write_text_atomic
         write_text_atomic(doc, text)
 
 

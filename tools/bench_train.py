@@ -55,10 +55,10 @@ def batch(size, B):
 def worker_npvlm(args):
     import npvlm
     from npvlm.backend import synchronize
-    from npvlm.training import loss_and_grads, with_fp32_masters
+    from npvlm.training.grads import loss_and_grads, with_fp32_masters
     model = npvlm.load(args.model, backend=args.backend, weights=args.weights)
     if args.train == "lora":
-        from npvlm.lora import add_lora
+        from npvlm.training.lora import add_lora
         add_lora(model.params, **LORA)
     params = model.params = with_fp32_masters(model.params, args.train)   # no bf16 copy of the masters
     inputs = model.device_batch(batch(args.size, args.batch))
@@ -85,12 +85,12 @@ def worker_hf(args):
     if args.train == "lora":                 # PEFT, as transformers' LoRA recipe uses it
         from peft import LoraConfig, get_peft_model
 
-        from npvlm.lora import PEFT_RECIPE
+        from npvlm.training.lora import PEFT_RECIPE
         model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                  target_modules=list(PEFT_RECIPE)))
     else:
-        from npvlm.training import trainable
-        from npvlm.weights import canonical_name, tree_name
+        from npvlm.loading.weights import canonical_name, tree_name
+        from npvlm.training.grads import trainable
         wanted = trainable(args.train)                # the same parameters npvlm trains
         for name, p in model.named_parameters():
             p.requires_grad_(wanted(tree_name(canonical_name(name))))

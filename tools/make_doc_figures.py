@@ -5,7 +5,7 @@
 Needs only npvlm (NumPy + Pillow). Steps, all through the library:
 1. a demo-world scene (`npvlm.demo.scenes.make_scene(22)`), 128 px;
 2. segmentation text as the model would write it: each object's true box encoded with
-   `npvlm.detection.encode_box` (round(v * 1023), y before x) plus 16 `<seg>` codes drawn at
+   `npvlm.tasks.detection.encode_box` (round(v * 1023), y before x) plus 16 `<seg>` codes drawn at
    random (seeded), e.g. `<loc0508><loc0152><loc0750><loc0400><seg071>... circle ; ...`;
 3. `parse_detections(text, 128, 128, divisor=1023)` -> objects with boxes and codes;
 4. `object_masks` with the tiny test VAE (tests/fixtures/vae/vae-tiny.npz): decode the codes to
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from npvlm.atomic import save_image_atomic
 from npvlm.demo.scenes import make_scene
-from npvlm.detection import encode_box, parse_detections
-from npvlm.draw import draw_objects
-from npvlm.segmentation import decode_masks, load_vae, object_masks
+from npvlm.saving.atomic import save_image_atomic
+from npvlm.tasks.detection import encode_box, parse_detections
+from npvlm.tasks.draw import draw_objects
+from npvlm.tasks.segmentation import decode_masks, load_vae, object_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from npvlm.demo.scenes import COLORS, SHAPES, make_scene, task_kind, tasks
-from npvlm.image import preprocess
-from npvlm.tokenizer import Tokenizer
+from npvlm.inputs.image import preprocess
+from npvlm.inputs.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,7 +225,7 @@ def export(model, tok_path, log, args):
 
     from safetensors.torch import save_file
 
-    from npvlm.weights import LM_HEAD, canonical_name
+    from npvlm.loading.weights import LM_HEAD, canonical_name
     model.eval()
     out = args.out
     if out.exists():

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import write_text_atomic
-from ..detection import iou, parse_detections
-from ..model import load
+from ..api import load
+from ..saving.atomic import write_text_atomic
+from ..tasks.detection import iou, parse_detections
 from .scenes import KINDS, make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..detection import encode_box
+from ..tasks.detection import encode_box
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (40, 85, 215), "yellow": (235, 200, 35)}

@@ -1,0 +1,182 @@
+"""`npvlm.load(path)`: a model folder -> a ready PaliGemma on the chosen backend, and
+`model.generate(images, prompts)`: text in, text out.
+
+`PaliGemma` only holds what the functions of `npvlm.paligemma` and `npvlm.generate` need (params,
+config, processor, backend); it is also the boundary where inputs are checked and move to the
+device once.
+"""
+
+import time
+
+import numpy as np
+
+from .backend import get_backend, to_device, to_host
+from .config import load_config
+from .demo import MODEL_DIR as DEMO_MODEL
+from .errors import CheckpointError, ConfigError, InputError
+from .generation import generate as gen
+from .generation.generate import Generation  # noqa: F401 (the result type of generate, importable from here)
+from .generation.sampling import SamplingOptions
+from .inputs.processor import Processor
+from .loading import hub
+from .loading.bf16 import BF16Matrix
+from .loading.weights import check_weights_mode, load_params
+from .model import paligemma
+
+
+class PaliGemma:
+    """A loaded model: its config, its parameter tree (on the backend's device), `xp`, and the
+    processor (tokenizer + image preprocessing) when the folder has a tokenizer.model.
+
+    The math lives in plain functions (`npvlm.paligemma`, `npvlm.siglip`, `npvlm.gemma`); this
+    object only holds what they need, so a notebook can call any of them on `model.params`.
+    """
+
+    def __init__(self, cfg, params, xp, path=None, processor=None, load_s=None):
+        self.cfg = cfg
+        self.params = params
+        self.xp = xp
+        self.path = path
+        self._processor = processor
+        self.load_s = load_s
+        # "bf16" when the matrices are kept in bfloat16 (npvlm.load(..., weights="bf16"))
+        self.weights = "bf16" if isinstance(params["text"]["embed_tokens"]["weight"], BF16Matrix) else "fp32"
+
+    @property
+    def backend(self):
+        return self.xp.__name__
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            raise CheckpointError(f"{self.path}/tokenizer.model: file not found; text generation needs "
+                                  "the model's SentencePiece tokenizer next to config.json")
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # ---- array level: token ids in, logits out (the only host -> device step for inputs) -----
+
+    def _ids(self, ids):
+        """Token ids checked on the host, then moved to the device."""
+        ids = np.asarray(to_host(ids))
+        paligemma.check_token_ids(ids, self.cfg)
+        return self.xp.asarray(ids)
+
+    BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_tokens", "labels")
+
+    def device_batch(self, batch):
+        """A processor batch (a dict of host arrays) checked and moved to this model's backend: the
+        input of `paligemma.prefill` and of `training.loss_and_grads`. Token ids are validated on
+        the host; an unknown key is an `InputError`."""
+        unknown = sorted(set(batch) - set(self.BATCH_KEYS))
+        if unknown:
+            raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
+                             f"{', '.join(self.BATCH_KEYS)}")
+        xp = self.xp
+        out = {"input_ids": self._ids(batch["input_ids"]),
+               "attention_mask": xp.asarray(batch["attention_mask"])}
+        for key in ("token_type_ids", "labels"):
+            if batch.get(key) is not None:
+                out[key] = xp.asarray(batch[key])
+        if batch.get("pixel_values") is not None:
+            out["pixel_values"] = xp.asarray(batch["pixel_values"], dtype=xp.float32)
+        if batch.get("image_tokens") is not None:
+            out["image_tokens"] = batch["image_tokens"]
+        return out
+
+    def new_cache(self, batch, capacity):
+        return paligemma.new_cache(self.cfg, batch, capacity, self.params["text"]["norm"]["weight"])
+
+    def encode_images(self, pixel_values, trace=None):
+        """float32[B, 3, R, R] -> image tokens [B, N, D] on the device."""
+        return paligemma.encode_images(self.xp.asarray(pixel_values, dtype=self.xp.float32),
+                                       self.params, self.cfg, trace=trace)
+
+    def prefill(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
+                cache=None, logits_for="last", trace=None, image_tokens=None):
+        """`paligemma.prefill` on this model. The inputs are either the processor's dict as the
+        first argument (`model.prefill(model.processor(images, prompts))`) or the arrays one by
+        one: input_ids, attention_mask int[B, T]; pixel_values float32[B, 3, R, R] or
+        image_tokens [B, N, D]; token_type_ids int[B, T] (None: all prefix).
+        logits_for="last" (default): logits [B, V] for the next token; "all": [B, T, V]."""
+        if isinstance(input_ids, dict):
+            batch = input_ids
+        else:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                     "pixel_values": pixel_values, "token_type_ids": token_type_ids,
+                     "image_tokens": image_tokens}
+        return paligemma.prefill(self.device_batch(batch), self.params, self.cfg, cache=cache,
+                                 logits_for=logits_for, trace=trace)
+
+    def decode_step(self, token_ids, cache, trace=None):
+        """One token per row (host int[B]) against `cache`, after a prefill -> logits [B, V]."""
+        return paligemma.decode_step(self._ids(token_ids), cache, self.params, self.cfg, trace=trace)
+
+    # ---- text level ---------------------------------------------------------------------------
+
+    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=None, stop=None, stream=None):
+        """Answer prompts about images.
+
+        images: one image (path, PIL image or HWC array) or a list; prompts: a string (asked of
+        every image) or a list of the same length. Greedy by default; `temperature`/`top_k`/
+        `top_p`/`seed` sample (npvlm.sampling). Generation ends at eos, at any of the `stop`
+        strings (cut from the text), or after `max_new_tokens`. `stream(text_piece)` receives
+        text as it is produced (single prompt only). Returns a Generation, or a list of them
+        for list inputs.
+        """
+        return gen.generate(self, images, prompts, max_new_tokens,
+                            SamplingOptions(temperature, top_k, top_p, seed), stop, stream)
+
+    def __repr__(self):
+        v, t = self.cfg.vision, self.cfg.text
+        return (f"PaliGemma({t.model_type}, image {v.image_size}px -> {v.num_patches} tokens, "
+                f"text {t.num_hidden_layers}x{t.hidden_size}, vocab {t.vocab_size}, backend {self.backend}"
+                f"{', weights bf16' if self.weights == 'bf16' else ''})")
+
+
+def check_model_dir(name):
+    """The folder for a model argument (npvlm/hub.py): "demo" names the embedded demo model (a
+    local folder called demo is "./demo"), a local folder itself, "org/name" the Hugging Face
+    Hub model (from the local cache, downloaded if needed)."""
+    path = hub.resolve(name)
+    if path == DEMO_MODEL and not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: the embedded demo model is missing from this installation; "
+                          "reinstall npvlm or train it with `python tools/train_demo.py`")
+    if not path.exists():
+        raise ConfigError(f"{path}: model folder not found")
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a folder; pass the folder that holds config.json and the "
+                          ".safetensors files")
+    return path
+
+
+def check_weights_option(weights, backend):
+    """The `weights` choice of `load`, checked before anything is read."""
+    check_weights_mode(weights)
+    if weights == "bf16" and backend != "numpy":
+        raise InputError('weights="bf16" is a CPU memory saving for the numpy backend; on a GPU '
+                         "use the default fp32 weights")
+
+
+def load(path, backend="numpy", weights="fp32"):
+    """Load a PaliGemma model folder (config.json + safetensors [+ tokenizer.model]) onto
+    `backend` ("numpy" or "cupy"); "demo" is the embedded demo model, "org/name" a Hugging Face
+    Hub model (npvlm/hub.py). Weights are checked
+    strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
+    (half the memory, slower decoding; NumPy only; npvlm/bf16.py)."""
+    t0 = time.perf_counter()
+    check_weights_option(weights, backend)
+    path = check_model_dir(path)
+    xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
+    cfg = load_config(path)
+    processor = None
+    if (path / "tokenizer.model").is_file():
+        processor = Processor.from_model_dir(path, cfg)
+    params = load_params(path, cfg, weights)
+    if xp.__name__ != "numpy":
+        params = to_device(params, xp)
+    return PaliGemma(cfg, params, xp, path, processor, load_s=time.perf_counter() - t0)
