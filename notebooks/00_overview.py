@@ -27,7 +27,7 @@
 #
 # with $E$ the token embedding table (shared with the output layer) and $D$ the decoder width.
 #
-# Shapes use the axis legend of `npvlm/layers.py`: B batch, T tokens, R image side in pixels,
+# Shapes use the axis legend of `npvlm/model/layers.py`: B batch, T tokens, R image side in pixels,
 # N image tokens, D width, V vocabulary.
 #
 # | stage | npvlm | notebook |

@@ -25,7 +25,7 @@
 # Three details matter for equality with HF: the resize is PIL's bicubic filter and its result is
 # rounded back to uint8 before anything else; the aspect ratio is **not** kept (the image is
 # squashed to a square, nothing is cropped); the rescale runs in float64 and is then cast to
-# float32. Code: `npvlm/image.py` (`load_image`, `preprocess`).
+# float32. Code: `npvlm/inputs/image.py` (`load_image`, `preprocess`).
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm

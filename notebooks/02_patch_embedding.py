@@ -24,7 +24,7 @@
 # \qquad n = g_y \cdot (R/P) + g_x,\quad W \in \mathbb{R}^{D_v \times 3P^2}.
 # $$
 #
-# Code: `npvlm/siglip.py` (`patchify`, `patch_embed`). Shapes:
+# Code: `npvlm/model/siglip.py` (`patchify`, `patch_embed`). Shapes:
 # `[B, C, R, R] -> [B, C, g, P, g, P] -> [B, g, g, C, P, P] -> [B, N, C·P·P] -> [B, N, D_v]`.
 
 # %%
@@ -143,7 +143,7 @@ print(compare("conv == patches @ W.T", matmul, conv.reshape(N, Dv)))
 # alike than far ones.
 
 # %%
-pos = model.params["vision"]["position_embedding"]           # [N, D_v]
+pos = model.params["vision"]["position_embedding"]["weight"] # [N, D_v]
 unit = pos / np.linalg.norm(pos, axis=1, keepdims=True)
 cos_sim = unit @ unit.T                                       # [N, N]
 np.fill_diagonal(cos_sim, np.nan)                             # a cell with itself is always 1
@@ -188,7 +188,7 @@ P_, g_ = gv.patch_size, gv.grid_size
 win = np.lib.stride_tricks.sliding_window_view(golden["pixel_values"], (P_, P_), axis=(2, 3))[:, :, ::P_, ::P_]
 k_ = gp["patch_embedding"]["weight"].reshape(gv.hidden_size, 3, P_, P_)
 conv = np.einsum("bcyxij,dcij->byxd", win, k_, optimize=True) + gp["patch_embedding"]["bias"]
-literal = conv.reshape(conv.shape[0], g_ * g_, -1) + gp["position_embedding"]
+literal = conv.reshape(conv.shape[0], g_ * g_, -1) + gp["position_embedding"]["weight"]
 results.append(compare("literal convolution", literal, golden["vision.embed"]))
 print(results[-1])
 assert all(r.ok for r in results)

@@ -29,7 +29,7 @@
 #
 # Attention has no mask: every patch sees every patch. SigLIP's attention is plain multi-head:
 # every query head has its own key/value head ($H_q = H_k$). After the last layer, one more LayerNorm
-# (`post_layernorm`). Code: `npvlm/siglip.py`, `npvlm/layers.py`, `npvlm/attention.py`.
+# (`post_layernorm`). Code: `npvlm/model/siglip.py`, `npvlm/model/layers.py`, `npvlm/model/attention.py`.
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm

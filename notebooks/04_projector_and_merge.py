@@ -23,8 +23,8 @@
 # The projector is one linear layer, no activation. Text embeddings are multiplied by
 # $\sqrt{D}$, with the constant first cast to float32 (Gemma's `GemmaTextScaledWordEmbedding`);
 # image tokens are **not** scaled. (HF 4.x divided the image tokens by $\sqrt{D}$ and then scaled
-# the whole sequence by $\sqrt{D}$: the same result.) Code: `npvlm/paligemma.py`
-# (`encode_images`, `merge_embeddings`), `npvlm/gemma.py` (`embed_tokens`).
+# the whole sequence by $\sqrt{D}$: the same result.) Code: `npvlm/model/paligemma.py`
+# (`encode_images`, `merge_embeddings`), `npvlm/model/gemma.py` (`embed_tokens`).
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm

@@ -32,9 +32,9 @@
 #   head $j$ reads K/V head $j // G$, $G = H_q / H_k$.
 # - **GeGLU**: a gated MLP, one branch through GELU multiplies the other.
 #
-# No linear layer has a bias. Code: `npvlm/gemma.py`, `npvlm/rope.py`, `npvlm/attention.py`,
-# `npvlm/masks.py`, `npvlm/layers.py`. Shapes: B batch, T tokens, S keys, D width, F MLP width,
-# Hq/Hk query/key-value heads, E head dim, V vocab (the legend of `npvlm/layers.py`).
+# No linear layer has a bias. Code: `npvlm/model/gemma.py`, `npvlm/model/rope.py`, `npvlm/model/attention.py`,
+# `npvlm/model/masks.py`, `npvlm/model/layers.py`. Shapes: B batch, T tokens, S keys, D width, F MLP width,
+# Hq/Hk query/key-value heads, E head dim, V vocab (the legend of `npvlm/model/layers.py`).
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm

@@ -29,8 +29,8 @@
 #
 # Generation: **prefill** runs the prompt `[B, T]` once and stores every layer's keys (after
 # RoPE) and values; each **decode** step runs one token `[B, 1]` against them. Code:
-# `npvlm/masks.py` (`prefix_lm_mask`, `decode_mask`), `npvlm/kv_cache.py`,
-# `npvlm/paligemma.py` (`prefill`, `decode_step`). Shapes: B batch, T queries (tokens of this
+# `npvlm/model/masks.py` (`prefix_lm_mask`, `decode_mask`), `npvlm/model/kv_cache.py`,
+# `npvlm/model/paligemma.py` (`prefill`, `decode_step`). Shapes: B batch, T queries (tokens of this
 # pass), S keys (cached + new; S = T in a prefill), Hq/Hk query/key-value heads, E head dim.
 
 # %%

@@ -26,7 +26,7 @@
 # $$
 #
 # The order temperature → top-k → top-p is HF's. PaliGemma's mix checkpoints expect greedy
-# decoding (the default); sampling gives variety. Code: `npvlm/sampling.py`
+# decoding (the default); sampling gives variety. Code: `npvlm/generation/sampling.py`
 # (`filtered_probs`, `choose`).
 
 # %%

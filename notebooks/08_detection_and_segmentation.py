@@ -28,8 +28,8 @@
 # - The 16 `<segNNN>` codes (0..127) are a 4 x 4 grid of codebook indices; the VQ-VAE decoder
 #   turns them into a 64 x 64 mask for the inside of the box, which is then resized into the box.
 #
-# Code: `npvlm/detection.py` (`parse_detections`, `encode_box`, `iou`), `npvlm/segmentation.py`
-# (`load_vae`, `decode_masks`, `paste_mask`, `object_masks`), `npvlm/draw.py` (`draw_objects`).
+# Code: `npvlm/tasks/detection.py` (`parse_detections`, `encode_box`, `iou`), `npvlm/tasks/segmentation.py`
+# (`load_vae`, `decode_masks`, `paste_mask`, `object_masks`), `npvlm/tasks/draw.py` (`draw_objects`).
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm

@@ -27,8 +27,8 @@
 # $$
 #
 # plus grouped-query attention with several K/V heads. See `docs/paligemma2.md`; code:
-# `npvlm/gemma.py` (`gemma2_block` next to `gemma_block`), `npvlm/layers.py` (`softcap`),
-# `npvlm/attention.py` (the cap and the scale, read from the config), `npvlm/masks.py` (the
+# `npvlm/model/gemma.py` (`gemma2_block` next to `gemma_block`), `npvlm/model/layers.py` (`softcap`),
+# `npvlm/model/attention.py` (the cap and the scale, read from the config), `npvlm/model/masks.py` (the
 # window in `prefix_lm_mask`, `decode_mask`).
 
 # %%

@@ -36,7 +36,7 @@
 # A residual block $h_{out} = h + f(h)$ passes its gradient on twice: $\partial L/\partial h =
 # \partial L/\partial h_{out} + (\partial f/\partial h)^\top \partial L/\partial h_{out}$.
 # Shapes: B batch, T tokens, D width, F MLP width, Hq/Hk heads, E head dim, V vocab
-# (npvlm/layers.py).
+# (npvlm/model/layers.py).
 
 # %%
 # The golden model (a tiny PaliGemma 1 made by HF transformers, GQA 4 -> 2) and its gradient
@@ -53,7 +53,8 @@ from npvlm.model import gemma, layers, loss, paligemma
 from npvlm.model.attention import attention_backward, projections_backward
 from npvlm.model.rope import apply_rope_backward
 from npvlm.parity import compare_grad
-from npvlm.training.grads import flatten, loss_and_grads, save_plan
+from npvlm.training.grads import loss_and_grads, save_plan
+from npvlm.tree import flatten
 
 plt.rcParams.update({"figure.dpi": 72})
 GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"
@@ -160,7 +161,7 @@ for r in results:
 assert all(r.ok for r in results)
 
 # %% [markdown]
-# The library's `gemma_block_backward` is exactly these steps (`npvlm/gemma.py`):
+# The library's `gemma_block_backward` is exactly these steps (`npvlm/model/gemma.py`):
 
 # %%
 dh_lib, grads_lib = gemma.gemma_block_backward(dh, block, p, tc, rope)

@@ -39,8 +39,9 @@ import numpy as np
 import npvlm
 from npvlm.demo.scenes import COLORS, SHIPPED_KINDS, make_scene, tasks
 from npvlm.saving.checkpoint import save_checkpoint
-from npvlm.training.grads import flatten, loss_and_grads, trained_arrays
+from npvlm.training.grads import loss_and_grads, trained_arrays
 from npvlm.training.optim import AdamW, clip_grad_norm, lr_at
+from npvlm.tree import flatten
 
 plt.rcParams.update({"figure.dpi": 72})
 model = npvlm.load("demo")
@@ -193,6 +194,6 @@ assert check == after
 #
 # 1. Train without the replayed old tasks (only the new question). Predict what happens to
 #    `caption en` on the held-out scenes, then run to see.
-# 2. Set `TRAIN = "lora"` after `from npvlm.training.lora import add_lora; add_lora(model.params, rank=4)`
+# 2. Set `TRAIN = "lora"` after `from npvlm.training.lora import add_lora; model.params, _ = add_lora(model.params, rank=4)`
 #    (reload the model first). How many parameters learn now, and does the skill still come?
 # 3. Lower `LR` ten times. How many steps does the same accuracy need?

@@ -1,12 +1,49 @@
-"""npvlm: PaliGemma as explicit NumPy/CuPy array math, equal to Hugging Face transformers."""
+"""npvlm: PaliGemma as explicit NumPy/CuPy array math, equal to Hugging Face transformers.
 
-from .api import PaliGemma, load
-from .config import PaliGemmaConfig, TextConfig, VisionConfig, load_config
-from .errors import BackendError, CheckpointError, ConfigError, InputError, NpvlmError
+    import npvlm
+    model = npvlm.load("demo")                        # a folder, a Hub id, or "demo"
+    print(model.generate("scene.png", "caption en").text)
+
+The package by folder (docs/architecture.md draws the arrows between them):
+
+    model/        the model math, forward and backward, NumPy only: layers, rope, masks,
+                  attention, kv_cache, siglip, gemma, paligemma, loss, record
+    inputs/       image -> pixel_values, text -> token ids, the processor's batch
+    loading/      a model folder or Hub id -> the checked parameter tree
+    generation/   prefill once, then decode token by token; sampling
+    training/     which gradients, optimizers, LoRA, the fine-tuning loop
+    saving/       a checkpoint in the input's layout; atomic file writes
+    tasks/        detection boxes, segmentation masks, drawing them
+    demo/         the embedded demo model and its shape world
+    api.py        npvlm.load and PaliGemma;  cli.py, finetune.py: the two commands
+    config.py, errors.py, backend.py, tree.py: what every folder may use; parity.py: the checks
+
+`import npvlm` imports none of them: each public name is imported when it is first used.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load", "PaliGemma", "load_config", "PaliGemmaConfig", "TextConfig", "VisionConfig",
-    "NpvlmError", "ConfigError", "CheckpointError", "InputError", "BackendError",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "load": "api", "PaliGemma": "api",
+    "load_config": "config", "PaliGemmaConfig": "config", "TextConfig": "config", "VisionConfig": "config",
+    "NpvlmError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors",
+    "BackendError": "errors",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    """`npvlm.load` and the other public names: imported on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'npvlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

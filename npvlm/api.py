@@ -1,9 +1,9 @@
 """`npvlm.load(path)`: a model folder -> a ready PaliGemma on the chosen backend, and
 `model.generate(images, prompts)`: text in, text out.
 
-`PaliGemma` only holds what the functions of `npvlm.paligemma` and `npvlm.generate` need (params,
-config, processor, backend); it is also the boundary where inputs are checked and move to the
-device once.
+`PaliGemma` only holds what the functions of `npvlm.model.paligemma` and
+`npvlm.generation.generate` need (params, config, processor, backend); it is also the boundary
+where inputs are checked, on the host, and move to the device once.
 """
 
 import time
@@ -28,8 +28,8 @@ class PaliGemma:
     """A loaded model: its config, its parameter tree (on the backend's device), `xp`, and the
     processor (tokenizer + image preprocessing) when the folder has a tokenizer.model.
 
-    The math lives in plain functions (`npvlm.paligemma`, `npvlm.siglip`, `npvlm.gemma`); this
-    object only holds what they need, so a notebook can call any of them on `model.params`.
+    The math lives in plain functions (`npvlm.model.paligemma`, `.siglip`, `.gemma`); this object
+    only holds what they need, so a notebook can call any of them on `model.params`.
     """
 
     def __init__(self, cfg, params, xp, path=None, processor=None, load_s=None):
@@ -62,7 +62,7 @@ class PaliGemma:
     def _ids(self, ids):
         """Token ids checked on the host, then moved to the device."""
         ids = np.asarray(to_host(ids))
-        paligemma.check_token_ids(ids, self.cfg)
+        check_token_ids(ids, self.cfg)
         return self.xp.asarray(ids)
 
     BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_tokens", "labels")
@@ -138,8 +138,17 @@ class PaliGemma:
                 f"{', weights bf16' if self.weights == 'bf16' else ''})")
 
 
+def check_token_ids(input_ids, cfg):
+    """Token ids checked on the host before they go to the device (CuPy gathers wrap
+    out-of-range ids silently). input_ids: a NumPy int array."""
+    bad = (input_ids < 0) | ((input_ids >= cfg.text.vocab_size) & (input_ids != cfg.image_token_index))
+    if bad.any():
+        raise InputError(f"token ids must lie in [0, {cfg.text.vocab_size}) (or be the <image> id "
+                         f"{cfg.image_token_index}); got min {int(input_ids.min())}, max {int(input_ids.max())}")
+
+
 def check_model_dir(name):
-    """The folder for a model argument (npvlm/hub.py): "demo" names the embedded demo model (a
+    """The folder for a model argument (npvlm/loading/hub.py): "demo" names the embedded demo model (a
     local folder called demo is "./demo"), a local folder itself, "org/name" the Hugging Face
     Hub model (from the local cache, downloaded if needed)."""
     path = hub.resolve(name)
@@ -165,9 +174,9 @@ def check_weights_option(weights, backend):
 def load(path, backend="numpy", weights="fp32"):
     """Load a PaliGemma model folder (config.json + safetensors [+ tokenizer.model]) onto
     `backend` ("numpy" or "cupy"); "demo" is the embedded demo model, "org/name" a Hugging Face
-    Hub model (npvlm/hub.py). Weights are checked
+    Hub model (npvlm/loading/hub.py). Weights are checked
     strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
-    (half the memory, slower decoding; NumPy only; npvlm/bf16.py)."""
+    (half the memory, slower decoding; NumPy only; npvlm/loading/bf16.py)."""
     t0 = time.perf_counter()
     check_weights_option(weights, backend)
     path = check_model_dir(path)

@@ -11,6 +11,7 @@ This is the only module in npvlm that imports cupy (a test enforces it).
 import numpy as np
 
 from .errors import BackendError
+from .tree import map_with_path
 
 BACKENDS = ("numpy", "cupy")
 
@@ -64,14 +65,11 @@ def cupy_usable():
 
 
 def to_device(tree, xp):
-    """Copy every array of a nested dict/list tree to the array library `xp` (once, at load)."""
-    if isinstance(tree, dict):
-        return {k: to_device(v, xp) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [to_device(v, xp) for v in tree]
-    if isinstance(tree, np.ndarray) or array_module(tree) is not np:
-        return xp.asarray(tree)
-    return tree
+    """Copy every array of a parameter tree to the array library `xp` (once, at load). A weight
+    that is not an array (a BF16Matrix) stays as it is."""
+    def move(_, leaf):
+        return xp.asarray(leaf) if isinstance(leaf, np.ndarray) or array_module(leaf) is not np else leaf
+    return map_with_path(move, tree)
 
 
 def scatter_add(table, index, values):

@@ -9,19 +9,18 @@ stderr. Errors print one `error:` line and exit 1 (2 for options argparse reject
 shows the traceback. A closed stdout (`| head`) ends the program quietly.
 """
 
-import argparse
 import json
-import os
 import sys
 import time
 
 from .api import check_model_dir, check_weights_option, load
 from .backend import get_backend
+from .commands import ArgumentParser, run_main, silence_stdout
 from .config import load_config
 from .demo import MODEL_DIR as DEMO_MODEL
 from .demo import SAMPLE_SCENE
 from .demo.scenes import trained_prompts
-from .errors import InputError, NpvlmError, one_line
+from .errors import InputError
 from .generation.generate import check_generation_args
 from .generation.sampling import SamplingOptions
 from .inputs.image import load_image
@@ -30,61 +29,44 @@ from .saving.atomic import check_writable, image_format, save_image_atomic
 from .tasks.draw import draw_objects
 from .tasks.segmentation import load_vae, object_masks
 
-SIGPIPE_EXIT = 141          # 128 + SIGPIPE: what a Unix tool whose reader went away exits with
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except where there is none (None, off)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                     # one line instead of usage + message
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def parse_args(argv):
-    p = _Parser(prog="npvlm", description="PaliGemma in NumPy: answer PROMPT about IMAGE.",
-                formatter_class=_Help)
-    p.add_argument("image", nargs="?", help="image file (anything Pillow opens); default: a bundled "
+    parser = ArgumentParser(prog="npvlm", description="PaliGemma in NumPy: answer PROMPT about IMAGE.")
+    parser.add_argument("image", nargs="?", help="image file (anything Pillow opens); default: a bundled "
                    "sample scene")
-    p.add_argument("prompt", nargs="?", default="caption en",
+    parser.add_argument("prompt", nargs="?", default="caption en",
                    help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat"')
-    p.add_argument("--model", metavar="DIR|ORG/NAME", default="demo", help="a PaliGemma folder "
+    parser.add_argument("--model", metavar="DIR|ORG/NAME", default="demo", help="a PaliGemma folder "
                    "(config.json, *.safetensors, tokenizer.model), a Hugging Face Hub id such as "
                    "google/paligemma-3b-mix-224 (from the local cache, downloaded if needed), or "
                    "'demo', the embedded demo model")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="the most tokens to generate (the answer may end sooner, at <eos>)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="for sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="for sampling")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                    help="array library: numpy (CPU) or cupy (an NVIDIA GPU; docs/gpu.md)")
-    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: keep the weight matrices in bfloat16, half the memory (3B-224: "
                         "6.1 GB of RAM instead of 11.8 GB), about half the decoding speed; numpy only")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, "
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, "
                    "finish_reason, timings, detected objects")
-    p.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes, labels "
+    parser.add_argument("--draw", metavar="OUT.png", help="write the image with detected boxes, labels "
                    "and (with --vae) segmentation masks")
-    p.add_argument("--vae", metavar="vae-oid.npz", help="big_vision's VQ-VAE mask decoder, to turn "
+    parser.add_argument("--vae", metavar="vae-oid.npz", help="big_vision's VQ-VAE mask decoder, to turn "
                    "the <seg> tokens of `segment ...` answers into masks "
                    "(gs://big_vision/paligemma/vae-oid.npz)")
-    p.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
+    parser.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
                    help="map <locNNNN> bins to pixels as bin/1024*size (public demo) or bin/1023 "
                         "(big_vision)")
-    p.add_argument("--allow-huge-image", action="store_true",
+    parser.add_argument("--allow-huge-image", action="store_true",
                    help="decode images above Pillow's decompression-bomb limit")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
 
 
 def check_prompt_text(prompt):
@@ -152,6 +134,7 @@ def write_stdout(text):
     except BrokenPipeError:
         raise
     except OSError as e:                     # e.g. stdout is a file on a full disk
+        silence_stdout()                     # the interpreter's flush at exit would fail again
         raise InputError(f"cannot write the answer to stdout ({e.strerror or e})") from None
 
 
@@ -191,37 +174,15 @@ def run(args):
         write_stdout(json.dumps({"text": result.text, "tokens": result.tokens,
                                  "finish_reason": result.finish_reason, "timings": result.timings,
                                  "objects": objects_json(found, masks),
-                                 "malformed": [{"text": p.text, "reason": p.reason} for p in found.problems]}) + "\n")
+                                 "malformed": [{"text": bad.text, "reason": bad.reason}
+                                               for bad in found.problems]}) + "\n")
     else:
         write_stdout("\n" if args.stream else result.text + "\n")
     return 0
 
 
-def _silence_stdout():
-    """Point stdout at /dev/null, so the interpreter's own flush at exit cannot fail again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:            # the reader closed the pipe (`| head`): stop quietly
-        _silence_stdout()
-        return SIGPIPE_EXIT
-    except Exception as e:  # one line, unless --debug
-        if args.debug:
-            raise
-        if isinstance(e, NpvlmError) and str(e).startswith("cannot write the answer to stdout"):
-            _silence_stdout()
-        print(one_line(e), file=sys.stderr)
-        return 1
+    return run_main(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

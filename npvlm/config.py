@@ -15,6 +15,14 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+# PaliGemma's token layout beyond the Gemma vocabulary (big_vision `get_extra_tokens`), and the
+# label convention of its training batches
+NUM_LOC = 1024              # <loc0000>..<loc1023>: a box coordinate, as a bin of the image side
+NUM_SEG = 128               # <seg000>..<seg127>: a code of the segmentation VQ-VAE's codebook
+SEG_CODES = 16              # the <seg> tokens of one mask: a 4x4 grid of codes
+IGNORE_INDEX = -100         # the label of a position without loss (HF `ignore_index`): the
+                            # processor writes it, the loss skips it
+
 # Activation names that mean tanh-approximated GELU (HF `ACT2FN`): all PaliGemma towers use it.
 # transformers 5.x rewrites a Gemma "gelu" to "gelu_pytorch_tanh", as the original Gemma does.
 TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new", "gelu")

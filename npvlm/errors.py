@@ -25,7 +25,7 @@ class BackendError(NpvlmError, RuntimeError):
     """The requested array backend is unknown or not usable on this machine."""
 
 
-def one_line(e):
+def error_line(e):
     """What a command prints for an exception: `error: ...` for bad input, `internal error
     (Type): ...` for anything else (a bug), the first line only."""
     kind = "error" if isinstance(e, NpvlmError) else f"internal error ({type(e).__name__})"

@@ -17,12 +17,15 @@ from safetensors.numpy import save_file
 
 from npvlm.config import config_from_dict
 from npvlm.demo.scenes import make_scene, tasks
-from npvlm.loading.weights import expected_shapes
+from npvlm.loading.weights import canonical_name, expected_shapes, tree_name
 from npvlm.model.record import stage_names
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
 GOLDEN_FORMAT_VERSION = 1
+# the gradient goldens are keyed by npvlm's tree paths; 2: "vision.position_embedding.weight"
+# (the position table became a module, as in HF, instead of a bare array)
+GRAD_FORMAT_VERSION = 2
 REGENERATE = "python tests/make_goldens.py  (needs: pip install -e '.[reference]')"
 REGENERATE_GRADS = "python tests/make_grad_goldens.py  (needs: pip install -e '.[reference]')"
 GOLDEN_MODELS = ("pg1_mqa_hub", "pg1_gqa_v5", "pg2_gqa_hub", "pg2_gqa_v5")
@@ -105,16 +108,16 @@ def pinned_transformers():
     raise AssertionError("setup.cfg: no transformers pin in the reference extra")
 
 
-def golden_meta(file="meta.json", regenerate=REGENERATE):
+def golden_meta(file="meta.json", regenerate=REGENERATE, version=GOLDEN_FORMAT_VERSION):
     """A golden set's meta file, refused when missing or stale (another format version, or made
     with another transformers than setup.cfg pins). grad_meta.json: the gradient goldens'."""
     path = GOLDENS / file
     if not path.is_file():
         pytest.fail(f"golden files missing ({path}); regenerate with: {regenerate}")
     meta = json.loads(path.read_text())
-    if meta.get("format_version") != GOLDEN_FORMAT_VERSION:
+    if meta.get("format_version") != version:
         pytest.fail(f"golden files are stale (format {meta.get('format_version')}, tests expect "
-                    f"{GOLDEN_FORMAT_VERSION}); regenerate with: {regenerate}")
+                    f"{version}); regenerate with: {regenerate}")
     made_with = meta.get("versions", {}).get("transformers")
     if made_with != pinned_transformers():
         pytest.fail(f"golden files are stale (made with transformers {made_with}, setup.cfg pins "
@@ -148,12 +151,19 @@ class Golden:
         return {k: self.arrays[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
 
 
+def tree_path(hf_name):
+    """The npvlm parameter-tree path of a transformers parameter name, of any transformers
+    version ("model.vision_tower.embeddings.position_embedding.weight" ->
+    "vision.position_embedding.weight"): the one mapping the gradient tests and recipes use."""
+    return tree_name(canonical_name(hf_name))
+
+
 class GradGolden:
     """One gradient golden set (tests/make_grad_goldens.py): the padded batch, losses, every
     parameter's gradient, the stage gradients and the fp32-vs-fp64 noise floors."""
 
     def __init__(self, name):
-        golden_meta("grad_meta.json", REGENERATE_GRADS)
+        golden_meta("grad_meta.json", REGENERATE_GRADS, GRAD_FORMAT_VERSION)
         path = GOLDENS / name / "grads.npz"
         if not path.is_file():
             pytest.fail(f"{path} missing; regenerate with: {REGENERATE_GRADS}")

@@ -46,7 +46,7 @@ FOOTER = """
 ## Why only safetensors
 
 npvlm reads weights from `.safetensors` files only, with the `safetensors` package
-(`npvlm/safetensors_file.py`): an 8-byte length, a JSON header, raw little-endian numbers. Nothing
+(`npvlm/loading/safetensors_file.py`): an 8-byte length, a JSON header, raw little-endian numbers. Nothing
 in such a file can run code, and every header is checked (length, JSON, offsets that tile the
 data exactly, by the package; float dtypes, shapes against config.json, by npvlm) before a byte
 of tensor data is read.

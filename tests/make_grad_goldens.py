@@ -30,11 +30,10 @@ import torch
 from transformers import PaliGemmaForConditionalGeneration
 
 import npvlm
-from npvlm.loading.weights import canonical_name, tree_name
-from npvlm.training.grads import flatten
+from npvlm.tree import flatten
 
 import hf_reference as ref
-from helpers import GOLDEN_FORMAT_VERSION, GOLDEN_MODELS, GOLDENS
+from helpers import GOLDEN_MODELS, GOLDENS, GRAD_FORMAT_VERSION, tree_path
 
 MODELS = GOLDEN_MODELS
 EXAMPLES_SEED = 5
@@ -45,7 +44,7 @@ def param_grads(grads, shapes):
     """{HF name: grad} -> {npvlm tree name: grad in npvlm's layout} (the tied lm_head skipped)."""
     out = {}
     for name, g in grads.items():
-        path = tree_name(canonical_name(name))
+        path = tree_path(name)
         out[path] = g.reshape(shapes[path]).astype(np.float32) if path in shapes else g.astype(np.float32)
     return out
 
@@ -89,7 +88,7 @@ def make(name, out_dir):
     arrays = {f"batch.{k}": v for k, v in batch.items()}
     arrays.update({f"grad.{k}": v for k, v in param_grads(grads, shapes).items()})
     noise = {k: float(np.abs(g - grads64[k]).max()) for k, g in grads.items()}
-    arrays.update({f"noise.{tree_name(canonical_name(k))}": np.float64(v) for k, v in noise.items()})
+    arrays.update({f"noise.{tree_path(k)}": np.float64(v) for k, v in noise.items()})
     T = batch["input_ids"].shape[1]
     arrays.update(padded_stages(stages, examples, T))
     fp64 = padded_stages(stages64, examples, T)
@@ -109,7 +108,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=GOLDENS)
     args = p.parse_args()
-    meta = {"format_version": GOLDEN_FORMAT_VERSION, "generated_by": "python tests/make_grad_goldens.py",
+    meta = {"format_version": GRAD_FORMAT_VERSION, "generated_by": "python tests/make_grad_goldens.py",
             "versions": ref.versions(), "models": {name: make(name, args.out) for name in MODELS}}
     (args.out / "grad_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 

@@ -11,7 +11,7 @@ from npvlm.model import attention as att
 from npvlm.model import gemma, layers, loss, paligemma, siglip
 from npvlm.model.masks import additive, prefix_lm_mask
 from npvlm.model.rope import apply_rope, apply_rope_backward, rope_tables
-from npvlm.training.grads import flatten
+from npvlm.tree import flatten, map_with_path
 
 EPS = 1e-6
 RTOL = 1e-6          # float64 central differences are exact to ~1e-9 relative on these sizes
@@ -104,8 +104,8 @@ def test_gelu_softmax_softcap():
     saved = {}
     layers.gelu_tanh(x, save=saved)
     check("gelu_tanh", layers.gelu_tanh_backward(g, saved), numeric(lambda: float((g * layers.gelu_tanh(x)).sum()), x))
-    p = layers.softmax(x)
-    check("softmax", layers.softmax_backward(g, p), numeric(lambda: float((g * layers.softmax(x)).sum()), x))
+    probs = layers.softmax(x)
+    check("softmax", layers.softmax_backward(g, probs), numeric(lambda: float((g * layers.softmax(x)).sum()), x))
     y = layers.softcap(x, 1.5)
     check("softcap", layers.softcap_backward(g, y, 1.5), numeric(lambda: float((g * layers.softcap(x, 1.5)).sum()), x))
 
@@ -146,7 +146,7 @@ def text_cfg(model_type="gemma", window=None):
                            embed_scale=8 ** 0.5, vocab_size=11)
 
 
-def block_params(cfg, seed, gemma2=False):
+def layer_params(cfg, seed, gemma2=False):
     D, F, Hq, Hk, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     s = iter(range(seed, seed + 20))
     norms = ["input_layernorm", "post_attention_layernorm"] + (["pre_feedforward_layernorm",
@@ -162,10 +162,10 @@ def block_params(cfg, seed, gemma2=False):
 
 
 @pytest.mark.parametrize("model_type, window", [("gemma", None), ("gemma2", 2)])
-def test_gemma_blocks(model_type, window):
+def test_gemma_layers(model_type, window):
     cfg = text_cfg(model_type, window)
     B, T = 2, 5
-    p = block_params(cfg, 10, model_type == "gemma2")
+    p = layer_params(cfg, 10, model_type == "gemma2")
     h, g = f64((B, T, cfg.hidden_size), 1), f64((B, T, cfg.hidden_size), 2)
     am = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     # no gradient arrives at a left pad (no loss there, and no real token reads it); its query
@@ -174,17 +174,17 @@ def test_gemma_blocks(model_type, window):
     types = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])
     mask = prefix_lm_mask(am, types, np.float64, window)
     rope = rope_tables(np.where(am > 0, np.cumsum(am, 1), 1), cfg.head_dim, cfg.rope_theta)
-    block, backward = gemma.BLOCKS[model_type], gemma.BLOCK_BACKWARDS[model_type]
+    layer, backward = gemma.LAYERS[model_type], gemma.LAYER_BACKWARDS[model_type]
     saved = {}
-    block(h, p, cfg, rope, mask, save=saved)
+    layer(h, p, cfg, rope, mask, save=saved)
     dh, grads = backward(g, saved, p, cfg, rope)
-    leaves = check_all(lambda: block(h, p, cfg, rope, mask), h, p, dh, grads, g)
+    leaves = check_all(lambda: layer(h, p, cfg, rope, mask), h, p, dh, grads, g)
     assert len(leaves) == len(flatten(p))
 
 
-def test_siglip_layer_patch_embed_and_tower():
+def test_siglip_layer_patch_embed_and_tower_to_the_pixels():
     vcfg = SimpleNamespace(hidden_size=6, intermediate_size=10, num_attention_heads=2, head_dim=3, layer_norm_eps=1e-6,
-                           patch_size=2, attn_scale=3 ** -0.5, attn_logit_softcapping=None)
+                           patch_size=2, num_channels=3, attn_scale=3 ** -0.5, attn_logit_softcapping=None)
     D, F = 6, 10
     s = iter(range(30, 80))
 
@@ -195,13 +195,13 @@ def test_siglip_layer_patch_embed_and_tower():
         return {"weight": 1 + f64((D,), next(s), 0.2), "bias": f64((D,), next(s), 0.1)}
     layer = {"layer_norm1": norm(), "self_attn": {n: lin(D, D) for n in ("q_proj", "k_proj", "v_proj", "out_proj")},
              "layer_norm2": norm(), "mlp": {"fc1": lin(F, D), "fc2": lin(D, F)}}
-    p = {"patch_embedding": lin(D, 3 * 2 * 2), "position_embedding": f64((4, D), next(s), 0.1),
+    p = {"patch_embedding": lin(D, 3 * 2 * 2), "position_embedding": {"weight": f64((4, D), next(s), 0.1)},
          "layers": [layer], "post_layernorm": norm()}
     pixels, g = f64((2, 3, 4, 4), 1), f64((2, 4, D), 2)
     saved = {}
     siglip.vision_tower(pixels, p, vcfg, save=saved)
-    grads = siglip.vision_tower_backward(g, saved, p, vcfg)
-    leaves = check_all(lambda: siglip.vision_tower(pixels, p, vcfg), None, p, None, grads, g)
+    d_pixels, grads = siglip.vision_tower_backward(g, saved, p, vcfg, need_dx=True)
+    leaves = check_all(lambda: siglip.vision_tower(pixels, p, vcfg), pixels, p, d_pixels, grads, g)
     assert len(leaves) == len(flatten(p))
 
 
@@ -211,7 +211,9 @@ def test_embeddings_merge_and_tied_head():
     ids = np.array([[10, 10, 3, 3, 5], [10, 10, 7, 1, 0]])            # image tokens, a repeated id
     image = f64((2, 2, 8), 2)
     g = f64((2, 5, 8), 3)
-    d_image, d_table = paligemma.merge_embeddings_backward(g, ids, image.shape, table, cfg)
+    saved = {}
+    paligemma.merge_embeddings(ids, image, table, cfg, save=saved)
+    d_image, d_table = paligemma.merge_embeddings_backward(g, saved, table, cfg)
     check("d image tokens", d_image, numeric(lambda: float((g * paligemma.merge_embeddings(ids, image, table, cfg)).sum()), image))
     check("d embedding (lookup)", d_table["weight"],
           numeric(lambda: float((g * paligemma.merge_embeddings(ids, image, table, cfg)).sum()), table["weight"]))
@@ -227,7 +229,7 @@ def test_cross_entropy_weights_and_targets():
     targets, weights = np.array([1, 6, 6, 0]), np.array([0.5, 0.25, 0.125, 0.125])
     saved = {}
     loss.cross_entropy(logits, targets, weights, save=saved)
-    check("cross_entropy", loss.cross_entropy_backward(saved),
+    check("cross_entropy", loss.cross_entropy_backward(1.0, saved),
           numeric(lambda: float(loss.cross_entropy(logits, targets, weights)), logits))
 
 
@@ -239,20 +241,14 @@ def test_whole_training_loss_in_float64(tmp_path):
 
     from helpers import write_random_model
     model = npvlm.load(write_random_model(tmp_path / "m", seed=3))
-    def as64(tree):
-        if isinstance(tree, dict):
-            return {k: as64(v) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [as64(v) for v in tree]
-        return np.asarray(tree, np.float64)
-    params = as64(model.params)
+    params = map_with_path(lambda _, a: np.asarray(a, np.float64), model.params)
     batch = model.processor([np.full((28, 28, 3), 90, np.uint8), np.zeros((28, 28, 3), np.uint8)],
                             ["caption en", "a b"], ["x y z", "w"])
     batch["pixel_values"] = batch["pixel_values"].astype(np.float64)
     _, grads = loss_and_grads(batch, params, model.cfg, "all", "example")
     grads, flat = flatten(grads), flatten(params)
     for path in ("projector.weight", "text.layers.0.self_attn.q_proj.weight", "text.layers.1.mlp.down_proj.weight",
-                 "text.embed_tokens.weight", "text.norm.weight", "vision.position_embedding",
+                 "text.embed_tokens.weight", "text.norm.weight", "vision.position_embedding.weight",
                  "vision.layers.0.mlp.fc1.bias", "vision.patch_embedding.weight"):
         x, g = flat[path], grads[path]
         picks = list(zip(*np.unravel_index(rng(len(path)).choice(x.size, 4, replace=False), x.shape)))

@@ -1,4 +1,4 @@
-"""weights="bf16": matrices kept as bfloat16 bits and widened block by block (npvlm/bf16.py).
+"""weights="bf16": matrices kept as bfloat16 bits and widened block by block (npvlm/loading/bf16.py).
 On the BF16 checkpoints (as all official ones are) it must equal HF at the fp32 tolerances,
 stage by stage and token for token, in half the memory."""
 
@@ -11,7 +11,7 @@ from npvlm.generation.generate import greedy_ids
 from npvlm.loading import bf16
 from npvlm.loading.bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from npvlm.parity import compare, compare_stages
-from npvlm.training.grads import flatten
+from npvlm.tree import flatten
 
 from helpers import Golden, one_line_error
 
@@ -92,7 +92,7 @@ def test_f32_checkpoint_is_rounded_to_bf16():
     np.testing.assert_array_equal(b.bits, f32_to_bf16(a))
     assert not np.array_equal(b.to_f32(), a)           # random F32 weights are not bf16 values
     # the position embedding is added, not multiplied: it stays fp32
-    assert isinstance(low.params["vision"]["position_embedding"], np.ndarray)
+    assert isinstance(low.params["vision"]["position_embedding"]["weight"], np.ndarray)
 
 
 def test_f32_to_bf16_rounds_to_nearest_even():

@@ -17,7 +17,9 @@ import npvlm
 from npvlm import finetune
 from npvlm.demo.scenes import make_scene
 from npvlm.errors import InputError
-from npvlm.training.grads import flatten, loss_and_grads
+from npvlm.training.data import make_batch, read_jsonl
+from npvlm.training.grads import loss_and_grads
+from npvlm.tree import flatten
 
 from helpers import GOLDENS, ROOT, make_data, read_safetensors
 
@@ -43,8 +45,7 @@ def test_a_full_batch_sgd_step_is_one_gradient_step(tmp_path):
                "sgd", "--lr", 0.5, "--steps", 1, "--batch-size", 4, "--schedule", "constant",
                "--warmup-steps", 0, "--save-dtype", "float32") == 0
     model = npvlm.load("demo")
-    examples = finetune.read_jsonl(data)
-    _, grads = loss_and_grads(finetune.make_batch(model, examples, data), model.params, model.cfg, "attention")
+    _, grads = loss_and_grads(make_batch(model, read_jsonl(data)), model.params, model.cfg, "attention")
     before, after = params_of("demo"), params_of(tmp_path / "o")
     grads = flatten(grads)
     for name in before:
@@ -71,7 +72,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
               "--lr", 1e-3, "--momentum", 0.0 if optimizer == "adamw" else 0.9, "--steps", 4, "--batch-size", 2,
               "--shuffle", "--save-dtype", "float32")
     run(*common, "--out", tmp_path / "straight")
-    run(*common, "--out", tmp_path / "resumed", "--stop-after", 2)
+    interrupted = finetune.parse_args([*map(str, common), "--out", str(tmp_path / "resumed"), "--quiet"])
+    assert finetune.run(interrupted, on_step=lambda entry: entry["step"] == 2) == 0      # stops after step 2
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.work" / "state.npz").is_file()
     run(*common, "--out", tmp_path / "resumed", "--resume")
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
@@ -120,10 +122,10 @@ def test_save_dtypes(tmp_path):
 def test_lora_starts_at_the_base_model_and_is_merged_on_export(tmp_path):
     data = make_data(tmp_path / "d", n=4)
     model = npvlm.load("demo")
-    batch = finetune.make_batch(model, finetune.read_jsonl(data), data)
+    batch = make_batch(model, read_jsonl(data))
     base, _ = loss_and_grads(batch, model.params, model.cfg, "attention")
     from npvlm.training.lora import add_lora
-    names = add_lora(model.params, rank=4, alpha=8)
+    model.params, names = add_lora(model.params, rank=4, alpha=8)
     assert "text.layers.0.mlp.down_proj" in names and "vision.layers.0.self_attn.q_proj" in names
     step0, grads = loss_and_grads(batch, model.params, model.cfg, "lora")
     assert step0 == base

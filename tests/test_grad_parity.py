@@ -17,9 +17,10 @@ import pytest
 
 import npvlm
 from npvlm.parity import compare_grad
-from npvlm.training.grads import flatten, loss_and_grads
+from npvlm.training.grads import loss_and_grads
+from npvlm.tree import flatten
 
-from helpers import BACKENDS, GOLDEN_MODELS, GOLDENS, LIVE_SPECS, GradGolden
+from helpers import BACKENDS, GOLDEN_MODELS, GOLDENS, LIVE_SPECS, GradGolden, tree_path
 
 LOSS_RTOL = 1e-6
 
@@ -101,8 +102,6 @@ def live(request, torch_and_transformers, tmp_path_factory):
 def test_live_gradients_match_torch(live, reduction):
     import copy
 
-    from npvlm.loading.weights import canonical_name, tree_name
-
     import hf_reference as ref
     name, hf, model, examples = live
     loss_ref, grads_ref, _ = ref.training_reference(hf, examples, reduction)
@@ -113,7 +112,7 @@ def test_live_gradients_match_torch(live, reduction):
     grads = flatten(grads)
     results = []
     for hf_name, g in grads_ref.items():
-        path = tree_name(canonical_name(hf_name))
+        path = tree_path(hf_name)
         results.append(compare_grad(path, grads[path].reshape(g.shape), g, np.abs(g - grads64[hf_name]).max()))
     for r in sorted(results, key=lambda r: -r.max_rel)[:5]:
         print(r)

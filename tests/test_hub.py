@@ -1,4 +1,4 @@
-"""Hub ids (npvlm/hub.py): `npvlm.load("google/paligemma-3b-mix-224")` and `--model ORG/NAME` find
+"""Hub ids (npvlm/loading/hub.py): `npvlm.load("google/paligemma-3b-mix-224")` and `--model ORG/NAME` find
 the model in a local Hugging Face cache laid out as huggingface_hub writes it
 (models--org--name/{blobs,refs,snapshots}), offline (HF_HUB_OFFLINE=1); the demo model stands in
 for the real weights. No network is used."""

@@ -8,7 +8,7 @@ import pytest
 import npvlm
 from npvlm.generation.generate import greedy_ids
 from npvlm.parity import compare, compare_stages
-from npvlm.training.grads import flatten
+from npvlm.tree import flatten
 
 from helpers import BACKENDS, LIVE_SPECS
 

@@ -1,4 +1,4 @@
-"""Optimizers and schedules (npvlm/optim.py) against PyTorch: llm.c's ten-step test. From the same
+"""Optimizers and schedules (npvlm/training/optim.py) against PyTorch: llm.c's ten-step test. From the same
 weights and batch, ten steps of npvlm and of torch (same optimizer, settings, schedule, clipping)
 give per-step losses within 1e-5 relative and final weights within the gradient tolerance; for
 SGD (with momentum and weight decay) and AdamW, on a PaliGemma 1 and a PaliGemma 2 tiny model.
@@ -12,10 +12,11 @@ import pytest
 
 import npvlm
 from npvlm.parity import compare_grad
-from npvlm.training.grads import flatten, loss_and_grads, trained_arrays
+from npvlm.training.grads import loss_and_grads, trained_arrays
 from npvlm.training.optim import SGD, AdamW, clip_grad_norm, lr_at
+from npvlm.tree import flatten
 
-from helpers import LIVE_SPECS
+from helpers import LIVE_SPECS, tree_path
 
 STEPS = 10
 
@@ -58,8 +59,6 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ten_steps_equal_torch(torch_and_transformers, tmp_path, spec_name, case):
     torch, _ = torch_and_transformers
-    from npvlm.loading.weights import canonical_name, tree_name
-
     import hf_reference as ref
     c = CASES[case]
     spec = LIVE_SPECS[spec_name]
@@ -92,7 +91,7 @@ def test_ten_steps_equal_torch(torch_and_transformers, tmp_path, spec_name, case
     # move the function, and the losses above are equal.
     results = []
     for name, w in final.items():
-        path = tree_name(canonical_name(name))
+        path = tree_path(name)
         if case == "adamw" and path.startswith("vision.") and path.endswith("self_attn.k_proj.bias"):
             continue
         results.append(compare_grad(path, trained[path].reshape(w.shape), w, np.abs(w - final64[name]).max()))

@@ -1,4 +1,4 @@
-"""npvlm/safetensors_file.py: the thin wrapper over the `safetensors` package. Values as the
+"""npvlm/loading/safetensors_file.py: the thin wrapper over the `safetensors` package. Values as the
 package reads them (BF16 widened exactly), and every kind of damaged file as one
 CheckpointError line that names the file (and the tensor, where one is to blame)."""
 

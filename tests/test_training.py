@@ -1,4 +1,4 @@
-"""Gradients for a subset of the parameters (npvlm/training.py): no weight gradient for a frozen
+"""Gradients for a subset of the parameters (npvlm/training/grads.py): no weight gradient for a frozen
 tensor, nothing saved that the requested gradients do not need, no backward into a frozen
 vision tower; and the same gradients as when everything is trained."""
 
@@ -11,7 +11,8 @@ import npvlm
 from npvlm.errors import InputError
 from npvlm.loading.bf16 import BF16Matrix
 from npvlm.model.paligemma import backward, forward_loss
-from npvlm.training.grads import flatten, loss_and_grads, save_plan, with_fp32_masters
+from npvlm.training.grads import loss_and_grads, save_plan, with_fp32_masters
+from npvlm.tree import flatten
 
 from helpers import GOLDENS, GradGolden
 

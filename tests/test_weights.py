@@ -11,7 +11,7 @@ import npvlm
 from npvlm.errors import CheckpointError
 from npvlm.loading.safetensors_file import SafetensorsFile
 from npvlm.loading.weights import canonical_name, collapse_layers
-from npvlm.training.grads import flatten
+from npvlm.tree import flatten
 
 from helpers import GOLDENS, golden_meta, read_safetensors, save_safetensors
 

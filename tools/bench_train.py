@@ -59,7 +59,7 @@ def worker_npvlm(args):
     model = npvlm.load(args.model, backend=args.backend, weights=args.weights)
     if args.train == "lora":
         from npvlm.training.lora import add_lora
-        add_lora(model.params, **LORA)
+        model.params, _ = add_lora(model.params, **LORA)
     params = model.params = with_fp32_masters(model.params, args.train)   # no bf16 copy of the masters
     inputs = model.device_batch(batch(args.size, args.batch))
     times = []

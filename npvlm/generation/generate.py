@@ -5,7 +5,7 @@
               against the cache (its mask: every real cached key; positions continue per row)
 
 Only the chosen token ids cross from the device to the host each step (token ids going the
-other way are checked on the host first, npvlm/model.py). On the host, each row's text is
+other way are checked on the host first, npvlm/api.py). On the host, each row's text is
 decoded as its ids arrive (`RowText`): stop strings end a row, and `stream` receives text as
 soon as it is final.
 """
@@ -72,7 +72,7 @@ def check_generation_args(cfg, prompt_len, max_new_tokens):
 GREEDY = SamplingOptions()
 
 
-def start(model, batch, capacity):
+def encode_and_prefill(model, batch, capacity):
     """Encode the images and prefill the prompt batch into a new cache of `capacity` tokens.
     Returns (next-token logits [B, V], cache, timings)."""
     xp = model.xp
@@ -105,7 +105,7 @@ def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None,
     rngs = row_generators(options.seed, B)
     stop = np.array(sorted(set(stop_ids or ())), dtype=np.int64)
     t0 = time.perf_counter()
-    logits, cache, timings = start(model, batch, T + max_new_tokens)
+    logits, cache, timings = encode_and_prefill(model, batch, T + max_new_tokens)
 
     tokens = np.full((B, max_new_tokens), model.cfg.pad_token_id, dtype=np.int64)
     lengths = np.zeros(B, dtype=np.int64)

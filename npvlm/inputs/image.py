@@ -1,6 +1,6 @@
 """Images in: loading (any file Pillow reads, a PIL image, or an array) and SigLIP preprocessing.
 
-Axes (npvlm/layers.py): H, W input height/width; R model image side (224/448/896); B batch;
+Axes (npvlm/model/layers.py): H, W input height/width; R model image side (224/448/896); B batch;
 C = 3 channels.
 
 `preprocess` gives what HF transformers 5.24 `SiglipImageProcessorPil` gives (docs/spec.md §4.1):
@@ -46,7 +46,8 @@ def _pixel_limit(allow_huge):
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _one_line(e):
+def _reason(e):
+    """An exception's text folded onto one line, to quote in a message (its type if empty)."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -60,7 +61,7 @@ def _open_file(path, allow_huge):
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise InputError(f"{path}: cannot read ({_one_line(e)})") from None
+        raise InputError(f"{path}: cannot read ({_reason(e)})") from None
     if size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not an image")
     limit = Image.MAX_IMAGE_PIXELS
@@ -73,14 +74,14 @@ def _open_file(path, allow_huge):
         except Image.DecompressionBombError:     # Pillow refuses > 2x the limit at open
             raise _too_big(path, _header_size(path), limit) from None
         except OSError as e:
-            raise InputError(f"{path}: cannot open ({_one_line(e)})") from None
+            raise InputError(f"{path}: cannot open ({_reason(e)})") from None
     with img:
         if not allow_huge and limit is not None and img.width * img.height > limit:
             raise _too_big(path, img.size, limit)
         try:
             img.load()   # decode everything now, so a truncated or corrupt file fails here
         except (OSError, SyntaxError, ValueError, EOFError) as e:   # Pillow's decoder errors
-            raise InputError(f"{path}: truncated or corrupt image ({_one_line(e)})") from None
+            raise InputError(f"{path}: truncated or corrupt image ({_reason(e)})") from None
         return _exif_upright(img)   # a new image (Pillow copies), so the file can be closed
 
 
@@ -175,7 +176,7 @@ def to_rgb(img):
             return Image.alpha_composite(white, rgba).convert("RGB")
         return img.convert("RGB")
     except (ValueError, OSError) as e:
-        raise InputError(f"cannot convert a {img.mode} image to RGB ({_one_line(e)})") from None
+        raise InputError(f"cannot convert a {img.mode} image to RGB ({_reason(e)})") from None
 
 
 def load_image(src, *, allow_huge=False):
@@ -198,7 +199,7 @@ def load_image(src, *, allow_huge=False):
         try:
             img.load()   # a lazily opened PIL image may still hold a truncated file
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InputError(f"truncated or corrupt image ({_one_line(e)})") from None
+            raise InputError(f"truncated or corrupt image ({_reason(e)})") from None
     elif isinstance(src, np.ndarray):
         img = _from_array(src)
     else:

@@ -2,15 +2,15 @@
 the tokenizer's `padding_side="left"` (docs/spec.md §5.2).
 
 Axis letters: B batch (one image per prompt), T sequence (image tokens + bos + prompt + "\\n"
-[+ suffix + eos]), R image side (npvlm/layers.py).
+[+ suffix + eos]), R image side (npvlm/model/layers.py).
 """
 
 from pathlib import Path
 
 import numpy as np
 
+from ..config import IGNORE_INDEX
 from ..errors import CheckpointError, InputError
-from ..model.loss import IGNORE
 from .image import preprocess_batch
 from .tokenizer import Tokenizer
 
@@ -90,7 +90,7 @@ class Processor:
             "pixel_values": preprocess_batch(images, self.image_size),       # [B, 3, R, R]
         }
         if any(s is not None for s in suffixes):
-            out["labels"] = np.where(out["token_type_ids"] == 1, out["input_ids"], IGNORE)
+            out["labels"] = np.where(out["token_type_ids"] == 1, out["input_ids"], IGNORE_INDEX)
         return out
 
     def __repr__(self):

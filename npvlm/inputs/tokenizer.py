@@ -28,10 +28,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..config import NUM_LOC, NUM_SEG
 from ..errors import CheckpointError, InputError
 
 IMAGE_TOKEN = "<image>"                                   # HF processing_paligemma.IMAGE_TOKEN
-NUM_LOC, NUM_SEG = 1024, 128                              # big_vision get_extra_tokens
 
 
 def loc_token(i):

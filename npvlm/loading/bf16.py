@@ -21,7 +21,6 @@ Axes: O output features (rows of W), I input features, R rows of x.
 
 import threading
 
-import ml_dtypes
 import numpy as np
 
 # Rows of W widened at a time: 2^18 elements = a 1 MB fp32 buffer, small enough to stay in a
@@ -44,6 +43,7 @@ def bf16_to_f32(bits):
 def f32_to_bf16(x):
     """float32[...] -> uint16[...] bfloat16 bits, round to nearest even (as torch `.to(bfloat16)`),
     via ml_dtypes' cast."""
+    import ml_dtypes  # noqa: PLC0415 (only rounding needs it, not reading BF16: a slow import)
     return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
@@ -90,7 +90,7 @@ class BF16Matrix:
 
     @property
     def T(self):
-        return _Transposed(self)
+        return Transposed(self)
 
     def to_f32(self):
         """The whole matrix widened: float32[O, I] (exact)."""
@@ -99,6 +99,15 @@ class BF16Matrix:
     def __getitem__(self, ids):
         """Rows widened, as indexing an fp32 matrix gives them: `W[ids]` -> float32[..., I]."""
         return bf16_to_f32(self.bits[ids])
+
+    def matmul_transposed(self, x):
+        """x @ W.T: [..., I] -> [..., O]; each output block is one BLAS product."""
+        O, I = self.shape
+        x2 = x.reshape(-1, I)                                        # [R, I]
+        out = np.empty((x2.shape[0], O), dtype=np.float32)           # [R, O]
+        for lo, hi, block in _blocks(self.bits, x2.shape[0]):
+            np.matmul(x2, block.T, out=out[:, lo:hi])
+        return out.reshape(*x.shape[:-1], O)
 
     def __rmatmul__(self, x):
         """x @ W: [..., O] -> [..., I], summed block by block."""
@@ -113,10 +122,12 @@ class BF16Matrix:
         return f"BF16Matrix({list(self.shape)}, {self.nbytes / 1e6:.1f} MB)"
 
 
-class _Transposed:
-    """W.T of a BF16Matrix: only what `x @ W.T` needs."""
+class Transposed:
+    """`W.T` of a weight that is not an array (a BF16Matrix, or a LoraWeight of
+    npvlm/training/lora.py): only what the model math does with it, `x @ W.T`, which the weight
+    computes itself (`W.matmul_transposed(x)`)."""
 
-    __array_ufunc__ = None
+    __array_ufunc__ = None      # `ndarray @ Transposed` defers to __rmatmul__
 
     def __init__(self, matrix):
         self.matrix = matrix
@@ -127,10 +138,4 @@ class _Transposed:
         return (I, O)
 
     def __rmatmul__(self, x):
-        """x @ W.T: [..., I] -> [..., O]; each output block is one BLAS product."""
-        O, I = self.matrix.shape
-        x2 = x.reshape(-1, I)                                        # [R, I]
-        out = np.empty((x2.shape[0], O), dtype=np.float32)           # [R, O]
-        for lo, hi, block in _blocks(self.matrix.bits, x2.shape[0]):
-            np.matmul(x2, block.T, out=out[:, lo:hi])
-        return out.reshape(*x.shape[:-1], O)
+        return self.matrix.matmul_transposed(x)

@@ -8,7 +8,8 @@ offsets that tile the data exactly) and gives the tensor names, dtypes and shape
 module adds: every failure becomes one `CheckpointError` line naming the file (and the tensor,
 where one is to blame); only float tensors are accepted; and each tensor's bytes, at the offsets
 the package has checked, are read straight into the array that keeps them (`readinto`), one
-tensor at a time. BF16 widens to fp32 exactly through `ml_dtypes.bfloat16`.
+tensor at a time. BF16 widens to fp32 exactly: its 16 bits are the top half of an fp32
+(npvlm/loading/bf16.py).
 
 Why not the package's own `get_tensor`: on the 3B-224 checkpoint it loaded 2.7x slower (its
 `pread` path allocates and copies each tensor twice) or held a whole shard's pages in the
@@ -19,11 +20,11 @@ import json
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from .bf16 import bf16_to_f32
 
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
@@ -96,7 +97,7 @@ class SafetensorsFile:
         return int(np.prod(self.shape(name))) * _NUMPY[self.dtype(name)].itemsize
 
     def _get(self, name):
-        """The stored tensor, in a fresh array of its stored dtype (BF16 as ml_dtypes.bfloat16)."""
+        """The stored tensor, in a fresh array of its stored dtype (BF16 as its uint16 bits)."""
         out = np.empty(self.shape(name), dtype=_NUMPY[self.dtype(name)])
         self._file.seek(self._start[name])
         view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
@@ -111,11 +112,13 @@ class SafetensorsFile:
     def read(self, name):
         """The tensor as a writable float32 array of its stored shape (BF16, F16 widened exactly)."""
         x = self._get(name)
+        if self.dtype(name) == "BF16":
+            return bf16_to_f32(x)
         return x if x.dtype == np.float32 else x.astype(np.float32)
 
     def read_bits(self, name):
-        """A BF16 tensor's stored bits, uint16 (to keep it in bfloat16: npvlm/bf16.py)."""
-        return self._get(name).view(np.uint16)
+        """A BF16 tensor's stored bits, uint16 (to keep it in bfloat16: npvlm/loading/bf16.py)."""
+        return self._get(name)
 
     def close(self):
         self._file.close()
@@ -127,8 +130,7 @@ class SafetensorsFile:
         self.close()
 
 
-_NUMPY = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),
-          "F64": np.dtype("<f8")}
+_NUMPY = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8")}
 
 
 def _named_tensor(message):

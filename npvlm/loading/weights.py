@@ -11,21 +11,22 @@ All checkpoint surgery happens here, once, through explicit tables:
 4. Tensors are widened to fp32 (BF16 exactly) one at a time and kept in
    PyTorch's layout (Linear weights `[out, in]`; compute is `x @ w.T`, a free transposed view),
    so every array equals the checkpoint's tensor; only the patch-embedding kernel is reshaped.
-   With weights="bf16" the multiplied matrices stay bfloat16 instead (`npvlm/bf16.py`).
+   With weights="bf16" the multiplied matrices stay bfloat16 instead (`npvlm/loading/bf16.py`).
 
 The result is a nested dict that mirrors the Hugging Face module tree:
 `params["text"]["layers"][3]["self_attn"]["q_proj"]["weight"]` is `[Hq*E, D]`.
 """
 
+import contextlib
 import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import CheckpointError, InputError
+from ..tree import unflatten
 from .bf16 import BF16Matrix, bf16_to_f32, f32_to_bf16
 from .safetensors_file import SafetensorsFile
 
@@ -64,7 +65,6 @@ def canonical_name(key):
 # hub name prefix -> parameter tree path prefix: the tree drops the nesting that carries no
 # meaning (`vision_tower.vision_model.embeddings`, `.encoder`, `multi_modal_projector.linear`)
 TREE_PREFIXES = [
-    (VISION + "embeddings.position_embedding.weight", "vision.position_embedding"),
     (VISION + "embeddings.", "vision."),
     (VISION + "encoder.", "vision."),
     (VISION, "vision."),
@@ -196,25 +196,6 @@ def checkpoint_files(model_dir):
     return [model_dir / s for s in shards], weight_map
 
 
-def _to_tree(flat):
-    """{"a.layers.0.b": x} -> {"a": {"layers": [{"b": x}]}}: numeric path parts become lists."""
-    root = {}
-    for name, value in flat.items():
-        node = root
-        parts = name.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-
-    def listify(node):
-        if not isinstance(node, dict):
-            return node
-        if node and all(k.isdigit() for k in node):
-            return [listify(node[str(i)]) for i in range(len(node))]
-        return {k: listify(v) for k, v in node.items()}
-    return listify(root)
-
-
 def _convert(name, array):
     """The one place where checkpoint layout becomes compute layout."""
     if name.endswith("patch_embedding.weight"):
@@ -300,6 +281,19 @@ def read_tensor(f, key, name, shape, weights):
     return _convert(name, f.read(key))
 
 
+PROGRESS_BYTES = 1 << 28      # 256 MB: a smaller checkpoint loads in well under a second
+
+
+def progress_bar(total):
+    """A tqdm bar on stderr for reading `total` bytes, shown only when the load takes more than a
+    few seconds; None (and no tqdm import) for a small checkpoint such as the demo's."""
+    if total < PROGRESS_BYTES:
+        return contextlib.nullcontext(None)
+    from tqdm import tqdm  # noqa: PLC0415 (only large loads show a bar: the import costs ~35 ms)
+    return tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, delay=3, file=sys.stderr,
+                leave=False)
+
+
 def load_params(model_dir, cfg, weights="fp32"):
     """Read, check and convert every weight of a model folder. Returns the NumPy tree
     `{"vision": ..., "projector": ..., "text": ...}` (see module docstring): fp32 arrays, or with
@@ -313,20 +307,18 @@ def load_params(model_dir, cfg, weights="fp32"):
             raise CheckpointError(f"{model_dir}: checkpoint does not match config.json: "
                                   + " | ".join(problems))
         flat = {}
-        total = sum(f.nbytes(key) for f, key in (located[n] for n in expected))
-        # the bar shows only when a load takes more than a few seconds (multi-GB checkpoints)
-        with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, delay=3,
-                  file=sys.stderr, leave=False) as bar:
+        with progress_bar(sum(f.nbytes(key) for f, key in (located[n] for n in expected))) as bar:
             for name, shape in expected.items():
                 f, key = located[name]
                 flat[name] = read_tensor(f, key, name, shape, weights)
-                bar.update(f.nbytes(key))
+                if bar is not None:
+                    bar.update(f.nbytes(key))
         if LM_HEAD in located:
             _check_tied(located[LM_HEAD], flat[TEXT + "embed_tokens.weight"])
     finally:
         for f in handles:
             f.close()
-    return _to_tree({tree_name(name): array for name, array in flat.items()})
+    return unflatten({tree_name(name): array for name, array in flat.items()})
 
 
 def _check_tied(lm_head_entry, embedding):

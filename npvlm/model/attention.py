@@ -1,11 +1,11 @@
 """Multi-head attention with grouped K/V heads (MHA, MQA and GQA in one function).
 
-Axes (npvlm/layers.py): B batch, T queries, S keys, Hq query heads, Hk key/value heads,
+Axes (npvlm/model/layers.py): B batch, T queries, S keys, Hq query heads, Hk key/value heads,
 G = Hq // Hk query heads per K/V head, E head dim.
 
     scores = (q k^T) * scale                     [B, Hq, T, S]
     scores = cap * tanh(scores / cap)            Gemma 2 only, before the mask
-    probs  = softmax(scores + mask) in fp32      the mask is additive (npvlm/masks.py)
+    probs  = softmax(scores + mask) in fp32      the mask is additive (npvlm/model/masks.py)
     out    = probs v                             [B, Hq, T, E] -> [B, T, Hq*E]
 
 Query head j reads K/V head j // G (HF `repeat_kv` order), done by reshaping the queries into
@@ -53,7 +53,7 @@ def attention(q, k, v, mask, cfg, *, save=None):
     return merge_heads((probs @ v).reshape(B, Hq, T, E))              # [B, T, Hq*E]
 
 
-def attention_backward(dout, saved, cfg):
+def attention_backward(dy, saved, cfg):
     """The gradients of `attention` with respect to q, k, v, from what it saved (q, k, v, probs,
     the capped scores). With dO the upstream gradient as [B, Hk, G*T, E] (grouped as forward):
 
@@ -62,13 +62,14 @@ def attention_backward(dout, saved, cfg):
         dq = dscores k,   dk = dscores^T q
 
     The additive mask is a constant: masked keys have probability 0 and get no gradient.
-    dout: [B, T, Hq*E] -> dq [B, Hq, T, E], dk, dv [B, Hk, S, E]"""
+    Its three inputs get three gradients (and it has no parameters):
+    dy: [B, T, Hq*E] -> dq [B, Hq, T, E], dk, dv [B, Hk, S, E]"""
     q, k, v = saved["q"], saved["k"], saved["v"]
     B, Hq, T, E = q.shape
     Hk, S = k.shape[1], k.shape[2]
     G = Hq // Hk
     probs = saved["probs"].reshape(B, Hk, G * T, S)
-    d_out = split_heads(dout, Hq).reshape(B, Hk, G * T, E)
+    d_out = split_heads(dy, Hq).reshape(B, Hk, G * T, E)
     dv = probs.swapaxes(-1, -2) @ d_out                               # [B, Hk, S, E]
     dscores = softmax_backward(d_out @ v.swapaxes(-1, -2), probs)     # [B, Hk, G*T, S]
     if "capped" in saved:

@@ -1,6 +1,6 @@
 """Gemma decoders: Gemma 1 (PaliGemma 1, docs/spec.md §9) and Gemma 2 (PaliGemma 2, §10).
 
-Axes (npvlm/layers.py): B batch, T tokens in this pass, S keys (cached + new), D width,
+Axes (npvlm/model/layers.py): B batch, T tokens in this pass, S keys (cached + new), D width,
 F MLP width, Hq query heads, Hk key/value heads, E head dim, V vocab.
 
     h = merged embeddings [B, T, D]
@@ -8,7 +8,7 @@ F MLP width, Hq query heads, Hk key/value heads, E head dim, V vocab.
     Gemma 2, each layer:  h += N(attn(N(h)));  h += N(geglu(N(h)))   (softcapped attention)
     logits = N(h) @ embed_tokens^T       (lm_head tied to the embedding; Gemma 2 softcaps it)
 
-A block takes `rope = (cos, sin)` for its T positions, the additive `mask` [B, 1, T, S] and `kv`,
+A layer takes `rope = (cos, sin)` for its T positions, the additive `mask` [B, 1, T, S] and `kv`,
 its own slot of the KV cache (None: attend to this pass's keys only, as in training).
 
 Follows HF `modeling_gemma.py` / `modeling_gemma2.py` (transformers 5.x); the numerics that
@@ -27,29 +27,34 @@ from .layers import (
     rms_norm_backward,
     softcap,
     softcap_backward,
-    sub,
 )
+from .record import is_trained, sub
 from .rope import apply_rope, apply_rope_backward
 
 
-def embed_tokens(ids, p, cfg):
+def embed_tokens(ids, p, cfg, *, save=None):
     """Token embeddings times sqrt(D). The constant is cast to the activation dtype first
     (fp32: 45.254834 for D=2048), as HF's `GemmaTextScaledWordEmbedding` does.
-    ids: int[B, T], p: {"weight": [V, D]} -> [B, T, D]"""
+    ids: int[B, T], p: {"weight": [V, D]} -> [B, T, D]. save: keeps the ids."""
     table = p["weight"]
     xp = array_module(ids)
+    if save is not None:
+        save["ids"] = ids
     return table[ids] * xp.asarray(cfg.embed_scale, dtype=table.dtype)
 
 
-def embed_tokens_backward(dh, ids, p, cfg):
-    """The gradient of the embedding table: row ids[b, t] receives dh[b, t] * sqrt(D), summed
-    over repeats (a scatter-add). dh: [B, T, D], ids: int[B, T] -> {"weight": [V, D]}"""
-    table = p["weight"]
-    xp = array_module(dh)
-    d_table = xp.zeros(table.shape, dtype=dh.dtype)
-    scale = xp.asarray(cfg.embed_scale, dtype=dh.dtype)
-    scatter_add(d_table, ids.reshape(-1), (dh * scale).reshape(-1, dh.shape[-1]))
-    return {"weight": d_table}
+def embed_tokens_backward(dy, saved, p, cfg):
+    """The gradient of the embedding table: row ids[b, t] receives dy[b, t] * sqrt(D), summed
+    over repeats (a scatter-add); none when frozen. Token ids have no gradient (dx is None).
+    dy: [B, T, D] -> None, {"weight": [V, D]}"""
+    if not is_trained(saved):
+        return None, {}
+    ids = saved["ids"]
+    xp = array_module(dy)
+    d_table = xp.zeros(p["weight"].shape, dtype=dy.dtype)
+    scale = xp.asarray(cfg.embed_scale, dtype=dy.dtype)
+    scatter_add(d_table, ids.reshape(-1), (dy * scale).reshape(-1, dy.shape[-1]))
+    return None, {"weight": d_table}
 
 
 def key_values(x, p, cfg, rope, *, save=None):
@@ -108,7 +113,7 @@ def geglu_backward(dy, saved, p):
     return dx_gate + dx_up, {k: v for k, v in grads.items() if v}
 
 
-def gemma_block(h, p, cfg, rope, mask, kv=None, *, save=None):
+def gemma_layer(h, p, cfg, rope, mask, kv=None, *, save=None):
     """Gemma 1 layer: two pre-norm residual branches.  [B, T, D] -> [B, T, D]
     (big_vision calls `post_attention_layernorm` `pre_ffw_norm`: it normalises the MLP input.)"""
     eps = cfg.rms_norm_eps
@@ -118,7 +123,7 @@ def gemma_block(h, p, cfg, rope, mask, kv=None, *, save=None):
     return h + geglu(x, p["mlp"], save=sub(save, "mlp"))
 
 
-def gemma2_block(h, p, cfg, rope, mask, kv=None, *, save=None):
+def gemma2_layer(h, p, cfg, rope, mask, kv=None, *, save=None):
     """Gemma 2 layer.  [B, T, D] -> [B, T, D]  What differs from Gemma 1: each branch output is
     RMS-normalised again before it joins the residual (`post_attention_layernorm` is a real
     *post* norm here, and `post_feedforward_layernorm` is new); the MLP input norm is
@@ -141,9 +146,9 @@ def _norm_back(dy, saved, p, name, grads):
     return dx
 
 
-def gemma_block_backward(dh, saved, p, cfg, rope):
-    """Back through `gemma_block`: each residual branch adds its input gradient to the stream's.
-    dh: [B, T, D] (gradient of the block's output) -> dh of its input [B, T, D], grads."""
+def gemma_layer_backward(dh, saved, p, cfg, rope):
+    """Back through `gemma_layer`: each residual branch adds its input gradient to the stream's.
+    dh: [B, T, D] (gradient of the layer's output) -> dh of its input [B, T, D], grads."""
     grads = {}
     dx, grads["mlp"] = geglu_backward(dh, saved["mlp"], p["mlp"])
     dh = dh + _norm_back(dx, saved, p, "post_attention_layernorm", grads)
@@ -152,8 +157,8 @@ def gemma_block_backward(dh, saved, p, cfg, rope):
     return dh, {k: g for k, g in grads.items() if g}
 
 
-def gemma2_block_backward(dh, saved, p, cfg, rope):
-    """Back through `gemma2_block`: as Gemma 1, with the post-norms of both branches on the way.
+def gemma2_layer_backward(dh, saved, p, cfg, rope):
+    """Back through `gemma2_layer`: as Gemma 1, with the post-norms of both branches on the way.
     dh: [B, T, D] -> [B, T, D], grads."""
     grads = {}
     dm = _norm_back(dh, saved, p, "post_feedforward_layernorm", grads)
@@ -165,8 +170,9 @@ def gemma2_block_backward(dh, saved, p, cfg, rope):
     return dh, {k: g for k, g in grads.items() if g}
 
 
-BLOCKS = {"gemma": gemma_block, "gemma2": gemma2_block}
-BLOCK_BACKWARDS = {"gemma": gemma_block_backward, "gemma2": gemma2_block_backward}
+# the decoder layer of each model_type, and its backward
+LAYERS = {"gemma": gemma_layer, "gemma2": gemma2_layer}
+LAYER_BACKWARDS = {"gemma": gemma_layer_backward, "gemma2": gemma2_layer_backward}
 
 
 def lm_head(h, p, cfg, *, save=None):

@@ -1,8 +1,8 @@
 """The key/value cache: preallocated once per generation, written in place, indexed by position.
 
-Axes (npvlm/layers.py): B batch, Hk key/value heads, S capacity (prompt + new tokens), E head dim.
+Axes (npvlm/model/layers.py): B batch, Hk key/value heads, S capacity (prompt + new tokens), E head dim.
 
-Each decoder layer gets its own slot, `cache.layers[i]`, a `LayerKV`: the block writes its new
+Each decoder layer gets its own slot, `cache.layers[i]`, a `LayerKV`: the layer writes its new
 keys (after RoPE) and values there and attends to everything the slot holds.
 """
 

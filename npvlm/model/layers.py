@@ -15,37 +15,25 @@ The axis legend, used by every shape comment in npvlm (docs/architecture.md repe
 Every function takes its array module from its input (`xp = array_module(x)`), so the same code
 runs on NumPy and CuPy. Reductions (norm statistics, softmax) run in fp32.
 
-Training: forward functions take `save=None`. Given a dict, they store in it what their
-backward needs (docs/training.md); `sub(save, name)` gives a sub-module its own dict. A module
-whose parameters get no gradient has the dict {"frozen": True}: a frozen linear keeps nothing,
-a frozen norm keeps what the input gradient needs. Each `f` has an `f_backward` right after it:
-it takes the upstream gradient `dy` (same shape as f's output) and what f saved, and returns the
-input gradient and, for a layer with parameters, a dict of parameter gradients named as the
-parameters (empty when frozen).
+Training: each forward `f(x, p, cfg, ..., *, save=None)` has its backward right after it,
+
+    f_backward(dy, saved, p, cfg, ...) -> (dx, grads)
+
+the forward's arguments with the upstream gradient `dy` (shaped as f's output) for x and the
+dict f filled for `save` (npvlm/model/record.py: what is kept, and the save plan that marks a
+module frozen). It returns the input gradient and the parameter gradients, named as the
+parameters (empty when frozen). Where f splats its parameters (`linear(x, weight, bias)`), so
+does its backward. A function without parameters returns dx alone; docs/training.md lists these
+and the other exceptions.
 """
 
 import math
 
 from ..backend import array_module
+from .record import is_trained, requested
 
 
-def sub(save, name):
-    """The dict in which sub-module `name` keeps what its backward needs (None: keep nothing)."""
-    return None if save is None else save.setdefault(name, {})
-
-
-def _trained(saved):
-    return saved is not None and not saved.get("frozen")
-
-
-def _requested(grads, saved):
-    """Only the parameters the save plan asks for: {"only": names} marks a module trained in
-    part (e.g. a weight without its bias)."""
-    only = saved.get("only") if saved is not None else None
-    return grads if only is None else {k: v for k, v in grads.items() if k in only}
-
-
-def _rows(a):
+def rows(a):
     """[..., n] -> [rows, n]: every leading axis is a row (a batch of vectors)."""
     return a.reshape(-1, a.shape[-1])
 
@@ -53,15 +41,14 @@ def _rows(a):
 def linear(x, weight, bias=None, *, save=None):
     """x @ W^T + b, with W in PyTorch's Linear layout [O, I], as in the checkpoint, so every weight
     equals HF's tensor. The transpose is a free view: BLAS reads W^T directly, at the speed of a
-    pre-transposed copy. W may be any matrix type that supports `x @ W.T` (npvlm/bf16.py).
+    pre-transposed copy. W may be any matrix type that supports `x @ W.T` (npvlm/loading/bf16.py).
     save: keeps x for the weight gradient, unless the dict says {"frozen": True}
     ({"only": ("weight",)}: the bias is frozen).
     # [..., I] -> [..., O]"""
-    if save is not None and not save.get("frozen"):
+    if is_trained(save):
         save["x"] = x
-    # one GEMM over every row: NumPy's matmul of a [B, T, I] array loops over B, 2-2.5x slower
-    # for a batch of short rows (measured on [48, 64, 192] @ [192, 192]), and rounds the same
-    y = (_rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    # one GEMM over every row: NumPy's matmul of a [B, T, I] array runs one GEMM per batch row
+    y = (rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y += bias
     return y
@@ -70,18 +57,18 @@ def linear(x, weight, bias=None, *, save=None):
 def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
     """y = x W^T + b:  dx = dy W;  dW = dy^T x and db = sum(dy), both summed over every leading
     axis, only when the forward kept x (W trained). A weight with its own `grads` (a LoRA
-    weight, npvlm/lora.py) gives its adapters' gradients instead of dW.
+    weight, npvlm/training/lora.py) gives its adapters' gradients instead of dW.
     dy: [..., O] -> dx [..., I] (None if not need_dx), {"weight": [O, I], "bias": [O]}"""
-    dx = (_rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1]) if need_dx else None
+    dx = (rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1]) if need_dx else None
     grads = {}
     if saved is not None and "x" in saved:
         only = saved.get("only", ("weight", "bias"))
         if "weight" in only:
             x = saved["x"]
             grads.update(weight.grads(dy, x) if hasattr(weight, "grads")
-                         else {"weight": _rows(dy).T @ _rows(x)})        # [O, R] @ [R, I]
+                         else {"weight": rows(dy).T @ rows(x)})        # [O, R] @ [R, I]
         if bias is not None and "bias" in only:
-            grads["bias"] = _rows(dy).sum(axis=0)
+            grads["bias"] = rows(dy).sum(axis=0)
     return dx, grads
 
 
@@ -108,9 +95,9 @@ def layer_norm_backward(dy, saved, weight, bias):
     dn = dy * weight
     dx = s * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
     grads = {}
-    if _trained(saved):
-        grads = {"weight": _rows(dy * n).sum(axis=0), "bias": _rows(dy).sum(axis=0)}
-    return dx, _requested(grads, saved)
+    if is_trained(saved):
+        grads = {"weight": rows(dy * n).sum(axis=0), "bias": rows(dy).sum(axis=0)}
+    return dx, requested(grads, saved)
 
 
 def rms_norm(x, weight, eps, *, save=None):
@@ -118,7 +105,7 @@ def rms_norm(x, weight, eps, *, save=None):
     is stored as an offset from 1, so a zero weight is the identity scale).
     # [..., D] -> [..., D]"""
     xp = array_module(x)
-    x32 = x.astype(_at_least_f32(x), copy=False)
+    x32 = x.astype(at_least_f32(x), copy=False)
     inv_rms = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)  # [..., 1]
     if save is not None:
         save.update(x=x32, inv_rms=inv_rms)
@@ -134,11 +121,11 @@ def rms_norm_backward(dy, saved, weight):
     x, r = saved["x"], saved["inv_rms"]
     g = dy * (1.0 + weight.astype(x.dtype, copy=False))
     dx = r * g - x * (r * r * r) * (g * x).mean(axis=-1, keepdims=True)
-    grads = {"weight": _rows(dy * x * r).sum(axis=0)} if _trained(saved) else {}
+    grads = {"weight": rows(dy * x * r).sum(axis=0)} if is_trained(saved) else {}
     return dx.astype(dy.dtype, copy=False), grads
 
 
-def _at_least_f32(x):
+def at_least_f32(x):
     """The dtype reductions run in: fp32, or fp64 for fp64 inputs (the finite-difference checks)."""
     xp = array_module(x)
     return xp.float64 if x.dtype == xp.float64 else xp.float32
@@ -187,16 +174,17 @@ def gelu_tanh_backward(dy, saved, tanh=None):
 def softmax(x, axis=-1):
     """Numerically stable softmax in fp32, cast back to the input dtype."""
     xp = array_module(x)
-    x32 = x.astype(_at_least_f32(x), copy=False)
+    x32 = x.astype(at_least_f32(x), copy=False)
     e = x32 - x32.max(axis=axis, keepdims=True)           # a new array: the rest is in place
     xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e.astype(x.dtype, copy=False)
 
 
-def softmax_backward(dp, p, axis=-1):
-    """p = softmax(x):  dx = p (dp - sum(dp p)) along `axis`.  dp, p: [...] -> dx [...]"""
-    return p * (dp - (dp * p).sum(axis=axis, keepdims=True))
+def softmax_backward(dy, probs, axis=-1):
+    """probs = softmax(x):  dx = probs (dy - sum(dy probs)) along `axis`, from the forward's
+    output (all it needs).  dy, probs: [...] -> dx [...]"""
+    return probs * (dy - (dy * probs).sum(axis=axis, keepdims=True))
 
 
 def softcap(x, cap):
@@ -206,5 +194,6 @@ def softcap(x, cap):
 
 
 def softcap_backward(dy, y, cap):
-    """y = cap tanh(x / cap):  dx = dy (1 - (y / cap)^2), from the output y.  [...] -> [...]"""
+    """y = cap tanh(x / cap):  dx = dy (1 - (y / cap)^2), from the forward's output y (all it
+    needs; the caller keeps it).  [...] -> [...]"""
     return dy * (1.0 - (y / cap) ** 2)

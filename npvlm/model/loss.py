@@ -1,6 +1,6 @@
 """The PaliGemma training loss: next-token cross-entropy on the suffix only (docs/training.md).
 
-Axes (npvlm/layers.py): B batch, T sequence, V vocab; n the number of predicted tokens.
+Axes (npvlm/model/layers.py): B batch, T sequence, V vocab; n the number of predicted tokens.
 
 A training row is `<image>*N <bos> prefix "\\n" suffix <eos> [pad]` (left-padded in a batch), with
 labels as transformers' PaliGemmaProcessor gives them: the token id on suffix tokens (eos
@@ -15,10 +15,10 @@ PaliGemma paper measured that a loss on the prefix hurts transfer). Two reductio
 import numpy as np
 
 from ..backend import array_module
+from ..config import IGNORE_INDEX
 from ..errors import InputError
-from .layers import _at_least_f32
+from .layers import at_least_f32
 
-IGNORE = -100               # label of a position without loss (HF `ignore_index`)
 REDUCTIONS = ("example", "token")
 
 
@@ -26,7 +26,7 @@ def loss_positions(labels):
     """Where the loss is taken, from labels int[B, T] (host): (rows, cols, targets), each int[n]:
     position (rows, cols) predicts token `targets` = labels[rows, cols + 1]."""
     labels = np.asarray(labels)
-    rows, cols = np.nonzero(labels[:, 1:] != IGNORE)
+    rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
     return rows, cols, labels[rows, cols + 1]
 
 
@@ -48,7 +48,7 @@ def cross_entropy(logits, targets, weights, *, save=None):
     """sum_i weights_i * (logsumexp(z_i) - z_i[target_i]), in fp32 (fp64 for fp64 logits).
     logits: [n, V], targets: int[n], weights: float[n] (all on the logits' backend) -> a 0-d array."""
     xp = array_module(logits)
-    z = logits.astype(_at_least_f32(logits), copy=False)
+    z = logits.astype(at_least_f32(logits), copy=False)
     m = z.max(axis=-1, keepdims=True)
     e = xp.exp(z - m)
     total = e.sum(axis=-1, keepdims=True)
@@ -58,9 +58,9 @@ def cross_entropy(logits, targets, weights, *, save=None):
     return (weights * nll).sum()
 
 
-def cross_entropy_backward(saved, dloss=1.0):
-    """d/dz of the weighted cross-entropy: weights_i (softmax(z_i) - onehot(target_i)).
-    -> dlogits [n, V]"""
+def cross_entropy_backward(dloss, saved):
+    """d/dz of the weighted cross-entropy: dloss weights_i (softmax(z_i) - onehot(target_i)).
+    dloss: a number (1 for the loss itself) -> dlogits [n, V]"""
     xp = array_module(saved["probs"])
     d = saved["probs"] * saved["weights"][:, None]
     n = d.shape[0]

@@ -2,7 +2,7 @@
 (docs/spec.md §7, §10). Every mask is additive: 0 where a key is visible, the dtype's most
 negative finite value where it is not.
 
-Axes (npvlm/layers.py): B batch, T queries, S keys.
+Axes (npvlm/model/layers.py): B batch, T queries, S keys.
 """
 
 from ..backend import array_module

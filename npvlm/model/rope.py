@@ -1,6 +1,6 @@
 """Rotary position embeddings (RoPE) and the positions they rotate by (docs/spec.md §7.3, §9).
 
-Axes (npvlm/layers.py): B batch, T tokens, Hq/Hk heads, E head dim.
+Axes (npvlm/model/layers.py): B batch, T tokens, Hq/Hk heads, E head dim.
 
     positions  1-indexed, as HF PaliGemma counts them: cumsum(attention_mask), so the first real
                token of a row is 1 whatever its left padding; each decode step continues at +1

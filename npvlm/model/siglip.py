@@ -1,6 +1,6 @@
 """SigLIP vision encoder (So400m/14 in the real models), docs/spec.md §8.
 
-Axes (npvlm/layers.py): B batch, C channels, R image side, P patch side, N = (R/P)^2 patches,
+Axes (npvlm/model/layers.py): B batch, C channels, R image side, P patch side, N = (R/P)^2 patches,
 D vision width, F MLP width, Hq heads (= Hk: plain multi-head attention), E = D/Hq head dim.
 
     pixels [B, C, R, R] -> patch embedding + learned positions -> pre-LN encoder layers
@@ -10,8 +10,8 @@ Follows HF `modeling_siglip.py`; no CLS token, no pooling head (PaliGemma uses e
 """
 
 from .attention import attention, attention_backward, projections_backward, split_heads
-from .layers import gelu_tanh, gelu_tanh_backward, layer_norm, layer_norm_backward, linear, linear_backward, sub
-from .record import layer_saves, record
+from .layers import gelu_tanh, gelu_tanh_backward, layer_norm, layer_norm_backward, linear, linear_backward
+from .record import attention_probs, is_trained, layer_saves, record, sub
 
 
 def patchify(pixels, patch_size):
@@ -24,21 +24,34 @@ def patchify(pixels, patch_size):
     return x.reshape(B, g * g, C * patch_size * patch_size)
 
 
+def unpatchify(patches, channels, patch_size):
+    """The inverse of `patchify`: [B, N, C*P*P] -> [B, C, R, R]."""
+    B, N, _ = patches.shape
+    g = round(N ** 0.5)
+    x = patches.reshape(B, g, g, channels, patch_size, patch_size)   # [B, gy, gx, C, P, P]
+    x = x.transpose(0, 3, 1, 4, 2, 5)                                 # [B, C, gy, P, gx, P]
+    return x.reshape(B, channels, g * patch_size, g * patch_size)
+
+
 def patch_embed(pixels, p, cfg, *, save=None):
     """The stride-P convolution as one matmul, plus learned position embeddings.
     [B, C, R, R] -> [B, N, D]"""
     patches = patchify(pixels, cfg.patch_size)                 # [B, N, C*P*P]
-    return linear(patches, **p["patch_embedding"], save=sub(save, "patch_embedding")) + p["position_embedding"]
+    h = linear(patches, **p["patch_embedding"], save=sub(save, "patch_embedding"))
+    sub(save, "position_embedding")                            # its plan: trained or frozen
+    return h + p["position_embedding"]["weight"]               # [N, D] broadcast over B
 
 
-def patch_embed_backward(dh, saved, p):
-    """Parameter gradients of `patch_embed` (the pixels need none): the patch kernel's as a
-    linear layer's, the position table's summed over the batch. dh: [B, N, D] -> grads."""
-    _, g = linear_backward(dh, saved["patch_embedding"], **p["patch_embedding"], need_dx=False)
+def patch_embed_backward(dy, saved, p, cfg, *, need_dx=False):
+    """The patch kernel's gradients as a linear layer's, the position table's summed over the
+    batch; with need_dx, also the gradient of the pixels (through the kernel: dy W, unpatchified).
+    dy: [B, N, D] -> d_pixels [B, C, R, R] (None without need_dx), grads"""
+    d_patches, g = linear_backward(dy, saved["patch_embedding"], **p["patch_embedding"], need_dx=need_dx)
     grads = {"patch_embedding": g} if g else {}
-    if not saved.get("position_embedding", {}).get("frozen"):
-        grads["position_embedding"] = dh.sum(axis=0)
-    return grads
+    if is_trained(saved["position_embedding"]):
+        grads["position_embedding"] = {"weight": dy.sum(axis=0)}
+    d_pixels = None if d_patches is None else unpatchify(d_patches, cfg.num_channels, cfg.patch_size)
+    return d_pixels, grads
 
 
 def self_attention(x, p, cfg, *, save=None):
@@ -74,7 +87,7 @@ def mlp_backward(dy, saved, p):
 
 
 def encoder_layer(h, p, cfg, *, save=None):
-    """Pre-LN transformer block.  [B, N, D] -> [B, N, D]"""
+    """Pre-LN transformer layer.  [B, N, D] -> [B, N, D]"""
     eps = cfg.layer_norm_eps
     x = layer_norm(h, **p["layer_norm1"], eps=eps, save=sub(save, "layer_norm1"))
     h = h + self_attention(x, p["self_attn"], cfg, save=sub(save, "self_attn"))
@@ -101,26 +114,27 @@ def vision_tower(pixels, p, cfg, *, trace=None, save=None):
     for i, (layer, s) in enumerate(zip(p["layers"], layer_saves(save, trace, len(p["layers"])))):
         h = encoder_layer(h, layer, cfg, save=s)
         record(trace, f"vision.layer.{i:02d}", h)
-        record(trace, f"vision.attn.{i:02d}", s and s["self_attn"]["attn"]["probs"])
+        record(trace, f"vision.attn.{i:02d}", attention_probs(s))
     h = layer_norm(h, **p["post_layernorm"], eps=cfg.layer_norm_eps, save=sub(save, "post_layernorm"))
     record(trace, "vision.post_norm", h)
     return h
 
 
-def vision_tower_backward(dh, saved, p, cfg, *, trace=None):
-    """Back through the whole tower, last layer first. dh: [B, N, D] (gradient of the features)
-    -> grads mirroring `p` (the trained tensors only). trace: the gradient arriving at each
-    stage's output, by the forward's stage names with "grad." in front."""
-    record(trace, "grad.vision.post_norm", dh)
-    dh, g_post = layer_norm_backward(dh, saved["post_layernorm"], **p["post_layernorm"])
+def vision_tower_backward(dy, saved, p, cfg, *, need_dx=False, trace=None):
+    """Back through the whole tower, last layer first. dy: [B, N, D] (gradient of the features)
+    -> d_pixels [B, C, R, R] (None without need_dx), grads mirroring `p` (the trained tensors
+    only). trace: the gradient arriving at each stage's output, by the forward's stage names with
+    "grad." in front."""
+    record(trace, "grad.vision.post_norm", dy)
+    dh, g_post = layer_norm_backward(dy, saved["post_layernorm"], **p["post_layernorm"])
     layer_grads = [None] * len(p["layers"])
     for i in reversed(range(len(p["layers"]))):
         record(trace, f"grad.vision.layer.{i:02d}", dh)
         dh, layer_grads[i] = encoder_layer_backward(dh, saved["layers"][i], p["layers"][i], cfg)
     record(trace, "grad.vision.embed", dh)
-    grads = patch_embed_backward(dh, saved, p)
+    d_pixels, grads = patch_embed_backward(dh, saved, p, cfg, need_dx=need_dx)
     if g_post:
         grads["post_layernorm"] = g_post
     if any(layer_grads):
         grads["layers"] = layer_grads
-    return grads
+    return d_pixels, grads

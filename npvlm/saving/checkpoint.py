@@ -4,8 +4,9 @@ The output folder has the input's files and names: the same safetensors file(s),
 the same shards with their `model.safetensors.index.json`, every tensor under its input key
 (hub names in, hub names out; transformers 5.x names in, 5.x names out), `config.json` and
 `tokenizer.model` and the folder's other small files copied. So transformers, vLLM or
-big_vision's converters read it as they read the original. LoRA adapters are merged into their
-weights first. Each tensor is stored in the input's dtype ("same"), or all in F32 or BF16.
+big_vision's converters read it as they read the original. A weight that is not an array is
+written as its `to_f32()`: a BF16Matrix widened, a LoRA weight merged (W + scale B A). Each
+tensor is stored in the input's dtype ("same"), or all in F32 or BF16.
 
 The folder is written next to its destination under a temporary name and renamed into place
 when complete: a crash or a full disk never leaves a half-written model, and an existing
@@ -18,7 +19,6 @@ import secrets
 import shutil
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -26,16 +26,22 @@ from ..backend import to_host
 from ..errors import InputError
 from ..loading.safetensors_file import SafetensorsFile
 from ..loading.weights import LM_HEAD, TEXT, canonical_name, checkpoint_files, tree_name
-from ..training.grads import flatten
-from ..training.lora import merge
+from ..tree import flatten
 
 SAVE_DTYPES = ("same", "float32", "bfloat16")
-_STORED = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": ml_dtypes.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
+def _stored(dtype):
+    """The NumPy dtype of a safetensors dtype name (BF16 through ml_dtypes, imported only here)."""
+    if dtype == "BF16":
+        import ml_dtypes  # noqa: PLC0415 (a slow import, needed only to write BF16)
+        return ml_dtypes.bfloat16
+    return {"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype]
+
+
 def _host_f32(w):
-    if hasattr(w, "to_f32"):                       # a BF16Matrix
+    if hasattr(w, "to_f32"):                       # a BF16Matrix, a LoraWeight
         return w.to_f32()
     return np.asarray(to_host(w), dtype=np.float32)
 
@@ -76,7 +82,7 @@ def save_checkpoint(params, source, out, dtype="same"):
         raise InputError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     source, out = Path(source), Path(out)
     check_output(out, source)
-    flat = flatten(merge(params))
+    flat = flatten(params)
     files, weight_map = checkpoint_files(source)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -88,7 +94,7 @@ def save_checkpoint(params, source, out, dtype="same"):
                 tensors = {}
                 for key in f.keys():
                     stored = {"same": f.dtype(key), "float32": "F32", "bfloat16": "BF16"}[dtype]
-                    tensors[key] = np.ascontiguousarray(_tensor(flat, key, f.shape(key)).astype(_STORED[stored]))
+                    tensors[key] = np.ascontiguousarray(_tensor(flat, key, f.shape(key)).astype(_stored(stored)))
                     total += tensors[key].nbytes
             save_file(tensors, str(tmp / path.name), metadata=meta)
             os.chmod(tmp / path.name, _plain_file_mode())   # the package writes 0o600

@@ -22,8 +22,7 @@ never repaired into an invented box.
 import re
 from dataclasses import dataclass
 
-NUM_LOC = 1024
-NUM_SEG = 128
+from ..config import NUM_LOC, NUM_SEG, SEG_CODES
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ def parse_record(record, width, height, divisor=NUM_LOC):
         return ParseProblem(record, "no <loc> tokens")
     if len(locs) != 4:
         return ParseProblem(record, f"{len(locs)} <loc> tokens (a box needs 4)")
-    if segs and len(segs) != 16:
-        return ParseProblem(record, f"{len(segs)} <seg> tokens (a mask needs 16)")
+    if segs and len(segs) != SEG_CODES:
+        return ParseProblem(record, f"{len(segs)} <seg> tokens (a mask needs {SEG_CODES})")
     if any(not 0 <= v < NUM_LOC for v in locs):
         return ParseProblem(record, f"a <loc> value outside 0..{NUM_LOC - 1}")
     if any(not 0 <= v < NUM_SEG for v in segs):

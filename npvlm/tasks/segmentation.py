@@ -35,14 +35,13 @@ import numpy as np
 from PIL import Image
 
 from ..backend import array_module, to_host
+from ..config import NUM_SEG, SEG_CODES
 from ..errors import CheckpointError, InputError
 from ..model.record import record
 
-NUM_CODES = 16          # <seg> tokens per object: a 4x4 grid
 GRID = 4                # the grid side
 MASK_SIZE = 64          # decoder output side: 4 -> 8 -> 16 -> 32 -> 64
 WIDTH = 128             # decoder width before the upsampling (big_vision `Decoder.dim`)
-CODEBOOK_SIZE = 128     # <seg000> .. <seg127>
 UP_STRIDE, UP_PADDING = 2, 1   # PyTorch ConvTranspose2d(k=4, stride=2, padding=1) = flax padding=2
 WHERE_TO_GET = ("download vae-oid.npz from big_vision's public bucket "
                 "gs://big_vision/paligemma/vae-oid.npz (e.g. `gsutil cp "
@@ -128,14 +127,14 @@ def load_vae(path):
     """
     arrays = _read_npz(path)
     if CODEBOOK_KEY not in arrays:
-        raise CheckpointError(f"{path}: missing key {CODEBOOK_KEY!r} (the codebook, [{CODEBOOK_SIZE}, D]); "
+        raise CheckpointError(f"{path}: missing key {CODEBOOK_KEY!r} (the codebook, [{NUM_SEG}, D]); "
                               "is this the PaliGemma VQ-VAE (vae-oid.npz)?")
     codebook = arrays[CODEBOOK_KEY]
     if codebook.ndim != 2:
         raise CheckpointError(f"{path}: {CODEBOOK_KEY!r} has shape {list(codebook.shape)}, "
-                              f"expected [{CODEBOOK_SIZE}, D]")
+                              f"expected [{NUM_SEG}, D]")
     D = codebook.shape[1]
-    vae = {CODEBOOK_KEY: _checked(path, arrays, CODEBOOK_KEY, (CODEBOOK_SIZE, D))}
+    vae = {CODEBOOK_KEY: _checked(path, arrays, CODEBOOK_KEY, (NUM_SEG, D))}
     used = {CODEBOOK_KEY}
     for name, (kind, torch_shape) in DECODER_LAYERS.items():
         w_shape = torch_shape(D)
@@ -216,14 +215,14 @@ def _check_codes(codes):
     """Host-side check (CuPy would wrap an out-of-range index silently instead of raising)."""
     codes = np.asarray(to_host(codes) if hasattr(codes, "shape") else codes)
     if codes.size == 0:
-        return np.zeros((0, NUM_CODES), np.int64)
-    if codes.ndim == 1 and codes.size == NUM_CODES:
-        raise InputError(f"codes must be [B, {NUM_CODES}] (a batch); got one row of shape "
+        return np.zeros((0, SEG_CODES), np.int64)
+    if codes.ndim == 1 and codes.size == SEG_CODES:
+        raise InputError(f"codes must be [B, {SEG_CODES}] (a batch); got one row of shape "
                          f"{list(codes.shape)}: pass [codes]")
-    if codes.ndim != 2 or codes.shape[1] != NUM_CODES:
-        raise InputError(f"codes must be [B, {NUM_CODES}] integers, got shape {list(codes.shape)}")
-    if codes.size and (codes.dtype.kind not in "iu" or codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
-        raise InputError(f"codes must be integers in 0..{CODEBOOK_SIZE - 1}, got dtype {codes.dtype}, "
+    if codes.ndim != 2 or codes.shape[1] != SEG_CODES:
+        raise InputError(f"codes must be [B, {SEG_CODES}] integers, got shape {list(codes.shape)}")
+    if codes.size and (codes.dtype.kind not in "iu" or codes.min() < 0 or codes.max() >= NUM_SEG):
+        raise InputError(f"codes must be integers in 0..{NUM_SEG - 1}, got dtype {codes.dtype}, "
                          f"range {codes.min()}..{codes.max()}")
     return codes
 

@@ -3,9 +3,9 @@
     loss, grads = loss_and_grads(batch, params, cfg, train="attention")
 
 `train` names the trained parameters: a preset ("all", "decoder", "attention"; "lora" for the
-adapters of the weights npvlm/lora.py wrapped) or a predicate on parameter names, the dotted
-paths of the parameter tree (`flatten`), e.g. "text.layers.3.self_attn.q_proj.weight",
-"vision.position_embedding", "projector.bias".
+adapters of the weights npvlm/training/lora.py wrapped) or a predicate on parameter names, the dotted
+paths of the parameter tree (npvlm/tree.py), e.g. "text.layers.3.self_attn.q_proj.weight",
+"vision.position_embedding.weight", "projector.bias".
 Frozen parts cost nothing they need not: `save_plan` marks every module whose parameters are
 frozen, so its forward keeps only what the input gradient needs and its backward computes no
 weight gradient; a frozen vision tower keeps nothing and no backward runs into it (nor into the
@@ -20,6 +20,7 @@ from ..backend import array_module
 from ..errors import InputError
 from ..loading.bf16 import BF16Matrix
 from ..model.paligemma import backward, forward_loss
+from ..tree import flatten, map_with_path, unflatten
 from .lora import LoraWeight
 
 PRESETS = {
@@ -42,7 +43,7 @@ def trainable(train, params=None):
     if train == "lora" and params is not None:
         wrapped = {n for n, w in flatten(params).items() if isinstance(w, LoraWeight)}
         if not wrapped:
-            raise InputError("training set 'lora' but no weight carries LoRA adapters (npvlm.lora.add_lora)")
+            raise InputError("training set 'lora' but no weight carries LoRA adapters (npvlm.training.lora.add_lora)")
         return wrapped.__contains__
     if train not in PRESETS:
         raise InputError(f"unknown training set {train!r}; choose one of {', '.join(TRAIN_SETS)}")
@@ -59,8 +60,8 @@ def trained_arrays(params, train):
 
 
 def adapters(params):
-    """{"<module>.lora_A": A, "<module>.lora_B": B} of every LoraWeight (npvlm/lora.py): the
-    arrays LoRA trains, named as `linear_backward` names their gradients."""
+    """{"<module>.lora_A": A, "<module>.lora_B": B} of every LoraWeight (npvlm/training/lora.py):
+    the arrays LoRA trains, named as `linear_backward` names their gradients."""
     out = {}
     for name, w in flatten(params).items():
         if isinstance(w, LoraWeight):
@@ -69,56 +70,36 @@ def adapters(params):
     return out
 
 
-def flatten(tree, prefix=""):
-    """{dotted name: array} of every array of a nested dict/list tree (parameters or grads)."""
-    out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            out.update(flatten(v, f"{prefix}{i}."))
-    elif tree is not None:
-        out[prefix[:-1]] = tree
-    return out
-
-
-def _is_module(node):
-    """A dict of arrays (a Linear's or a norm's parameters), not a dict of sub-modules."""
-    return isinstance(node, dict) and node and not any(isinstance(v, (dict, list)) for v in node.values())
-
-
-def _plan(node, prefix, wanted):
-    """The save dicts of one subtree: {"frozen": True} for each frozen module, {} for trained."""
-    if isinstance(node, list):
-        return [_plan(v, f"{prefix}{i}.", wanted) for i, v in enumerate(node)]
-    if _is_module(node):
-        trained = [k for k in node if wanted(prefix + k)]
-        if not trained:
-            return {"frozen": True}
-        return {} if len(trained) == len(node) else {"only": tuple(trained)}
-    if isinstance(node, dict):
-        return {k: _plan(v, f"{prefix}{k}.", wanted) for k, v in node.items()}
-    return {} if wanted(prefix[:-1]) else {"frozen": True}           # a bare array
-
-
 def save_plan(params, train):
     """The root `save` dict of a training pass (paligemma.forward_loss) for the parameters that
-    `train` names. The save dicts mirror the parameter tree: the text decoder's tied embedding is
-    saved as its lm_head ("text.lm_head")."""
+    `train` names (npvlm/model/record.py: what a plan says). It mirrors the parameter tree, one
+    dict per module; the tied embedding is planned twice, as the lookup ("text.embed_tokens")
+    and as the lm_head ("text.lm_head"). When nothing in the vision tower trains it is None (no
+    backward runs into it), and so is the projector when it is frozen too."""
     wanted = trainable(train, params)
-    names = flatten(params)
+    names = list(flatten(params))
     if not any(wanted(n) for n in names):
         raise InputError("no parameter is trained: the training set selects none of the model's "
                          "parameters")
-    plan = {key: _plan(params[key], f"{key}.", wanted) for key in ("vision", "projector", "text")}
-    plan["text"]["lm_head"] = plan["text"].pop("embed_tokens")
-    vision = any(wanted(n) for n in names if n.startswith("vision."))
-    if not vision:                                   # no backward runs into the vision tower
+    modules = {}                                   # module path -> its parameters' names
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        modules.setdefault(module, []).append(leaf)
+    plan = unflatten({module: _module_plan(module, leaves, wanted) for module, leaves in modules.items()})
+    plan["text"]["lm_head"] = dict(plan["text"]["embed_tokens"])
+    if not any(wanted(n) for n in names if n.startswith("vision.")):
         plan["vision"] = None
         if not any(wanted(n) for n in names if n.startswith("projector.")):
-            plan["projector"] = None                 # nor into the projector
+            plan["projector"] = None
     return plan
+
+
+def _module_plan(module, leaves, wanted):
+    """{"frozen": True}, {"only": names} or {}: which of a module's parameters train."""
+    trained = tuple(leaf for leaf in leaves if wanted(f"{module}.{leaf}"))
+    if not trained:
+        return {"frozen": True}
+    return {} if len(trained) == len(leaves) else {"only": trained}
 
 
 def with_fp32_masters(params, train):
@@ -126,16 +107,7 @@ def with_fp32_masters(params, train):
     optimizer updates), the frozen ones left as they are (e.g. bfloat16 BF16Matrix weights,
     `npvlm.load(..., weights="bf16")`, which then cost half the memory)."""
     wanted = trainable(train, params)
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            return {k: walk(v, f"{prefix}{k}.") for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v, f"{prefix}{i}.") for i, v in enumerate(node)]
-        if wanted(prefix[:-1]) and isinstance(node, BF16Matrix):
-            return node.to_f32()
-        return node
-    return walk(params, "")
+    return map_with_path(lambda name, w: w.to_f32() if wanted(name) and isinstance(w, BF16Matrix) else w, params)
 
 
 def loss_and_grads(batch, params, cfg, train="all", reduction="example", *, trace=None):

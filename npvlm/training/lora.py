@@ -10,8 +10,9 @@ layer whose last name is in the list (with transformers' PaliGemma recipe, `q_pr
 On export the update is merged into W (`merged`).
 
 A `LoraWeight` stands where the weight matrix stood and behaves like one in `x @ W.T` and
-`dy @ W` (as a BF16Matrix does, npvlm/bf16.py), so the model math is unchanged; `grads` gives
-the gradients of A and B that `layers.linear_backward` asks such a weight for.
+`dy @ W` (as a BF16Matrix does, npvlm/loading/bf16.py, whose `Transposed` it shares), so the
+model math is unchanged; `grads` gives the gradients of A and B that `layers.linear_backward`
+asks such a weight for, and `to_f32` the merged matrix a checkpoint stores.
 """
 
 import math
@@ -19,17 +20,11 @@ import math
 import numpy as np
 
 from ..backend import array_module
+from ..loading.bf16 import Transposed
+from ..model.layers import rows
+from ..tree import flatten, map_with_path
 
 PEFT_RECIPE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _rows(a):
-    return a.reshape(-1, a.shape[-1])
-
-
-def _dense(w):
-    """A weight as an fp32 array (a BF16Matrix widened)."""
-    return w.to_f32() if hasattr(w, "to_f32") else w
 
 
 class LoraWeight:
@@ -43,7 +38,11 @@ class LoraWeight:
 
     @property
     def T(self):
-        return _Transposed(self)
+        return Transposed(self)
+
+    def matmul_transposed(self, x):
+        """x @ W_eff^T = x W^T + scale (x A^T) B^T.  [..., I] -> [..., O]"""
+        return x @ self.base.T + self.scale * ((x @ self.A.T) @ self.B.T)
 
     def __rmatmul__(self, dy):
         """dy @ W_eff = dy W + scale (dy B) A: the input gradient.  [..., O] -> [..., I]"""
@@ -52,76 +51,43 @@ class LoraWeight:
     def grads(self, dy, x):
         """The trained adapters' gradients, summed over every leading axis:
         dA = scale (dy B)^T x  [r, I],   dB = scale dy^T (x A^T)  [O, r]."""
-        return {"lora_A": self.scale * (_rows(dy @ self.B).T @ _rows(x)),
-                "lora_B": self.scale * (_rows(dy).T @ _rows(x @ self.A.T))}
+        return {"lora_A": self.scale * (rows(dy @ self.B).T @ rows(x)),
+                "lora_B": self.scale * (rows(dy).T @ rows(x @ self.A.T))}
 
-    def merged(self):
-        """W + scale * B @ A as one fp32 matrix [O, I] (what the exported checkpoint holds)."""
-        return _dense(self.base) + self.scale * (self.B @ self.A)
+    def to_f32(self):
+        """W + scale * B @ A as one fp32 matrix [O, I] (what an exported checkpoint holds)."""
+        base = self.base.to_f32() if hasattr(self.base, "to_f32") else self.base
+        return base + self.scale * (self.B @ self.A)
 
     def __repr__(self):
         return f"LoraWeight({list(self.shape)}, r={self.A.shape[0]}, scale={self.scale:g})"
 
 
-class _Transposed:
-    __array_ufunc__ = None
-
-    def __init__(self, w):
-        self.w = w
-
-    def __rmatmul__(self, x):
-        """x @ W_eff^T = x W^T + scale (x A^T) B^T.  [..., I] -> [..., O]"""
-        w = self.w
-        return x @ w.base.T + w.scale * ((x @ w.A.T) @ w.B.T)
-
-
 def targets_of(params, targets):
-    """Dotted names of the linear modules LoRA wraps: 2-D weights whose module's last name is
-    in `targets` (PEFT's matching)."""
-    out = []
-
-    def walk(node, prefix):
-        if isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{prefix}{i}.")
-        elif isinstance(node, dict):
-            if "weight" in node and getattr(node["weight"], "ndim", 0) == 2 and prefix[:-1].split(".")[-1] in targets:
-                out.append(prefix[:-1])
-            for k, v in node.items():
-                if isinstance(v, (dict, list)):
-                    walk(v, f"{prefix}{k}.")
-    walk(params, "")
-    return out
-
-
-def _module(params, name):
-    node = params
-    for part in name.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
+    """Paths of the weights LoRA wraps: 2-D weights whose module's last name is in `targets`
+    (PEFT's matching), e.g. "text.layers.3.self_attn.q_proj.weight"."""
+    return [name for name, w in flatten(params).items()
+            if name.endswith(".weight") and getattr(w, "ndim", 0) == 2
+            and name.removesuffix(".weight").rpartition(".")[2] in targets]
 
 
 def add_lora(params, rank=8, alpha=8, targets=PEFT_RECIPE, seed=0):
-    """Wrap the target linears' weights in LoraWeights, in place (A random, B zero). Returns the
-    wrapped module names."""
+    """The parameter tree with the target linears' weights wrapped in LoraWeights (A random, B
+    zero), and the wrapped modules' names."""
     rng = np.random.default_rng(seed)
     names = targets_of(params, targets)
-    for name in names:
-        module = _module(params, name)
-        W = module["weight"]
+
+    def wrap(name, W):
+        if name not in names:
+            return W
         O, I = W.shape
         xp = array_module(W)            # numpy for a BF16Matrix, cupy for a weight on the GPU
         bound = 1.0 / math.sqrt(I)
         A = xp.asarray(rng.uniform(-bound, bound, (rank, I)).astype(np.float32))
-        B = xp.zeros((O, rank), np.float32)
-        module["weight"] = LoraWeight(W, A, B, alpha / rank)
-    return names
+        return LoraWeight(W, A, xp.zeros((O, rank), np.float32), alpha / rank)
+    return map_with_path(wrap, params), [name.removesuffix(".weight") for name in names]
 
 
 def merge(params):
     """The parameter tree with every LoraWeight replaced by its merged fp32 matrix."""
-    if isinstance(params, dict):
-        return {k: merge(v) for k, v in params.items()}
-    if isinstance(params, list):
-        return [merge(v) for v in params]
-    return params.merged() if isinstance(params, LoraWeight) else params
+    return map_with_path(lambda _, w: w.to_f32() if isinstance(w, LoraWeight) else w, params)
