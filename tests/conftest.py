@@ -1,6 +1,6 @@
 """Fixtures and hooks only (shared helpers live in tests/helpers.py): golden sets, the array
-backends (every test that takes `xp` runs on NumPy and, where a GPU is usable, CuPy), and the
-optional reference stack."""
+backends (every test that takes `xp` runs on NumPy and, where a GPU is usable, CuPy), the
+optional reference stack, and the robustness tables' base model and run.py results."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ import pytest
 from npvlm.backend import cupy_usable, get_backend
 
 from helpers import BACKENDS, GOLDEN_MODELS, Golden, golden_meta
+from robustness import make_base, run_cli_cases
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,3 +39,18 @@ def torch_and_transformers():
     transformers = pytest.importorskip(
         "transformers", reason="transformers not installed: pip install -e '.[reference]'")
     return torch, transformers
+
+
+@pytest.fixture(scope="module")
+def robust_base(tmp_path_factory):
+    """A valid tiny model and image, made once per robustness table; cases copy what they change."""
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def cli_results(request, robust_base, tmp_path_factory):
+    """run.py for every selected case of the module's table `CASES`, a few at a time."""
+    wanted = {item.callspec.params["case"].id for item in request.session.items
+              if getattr(item, "originalname", None) == "test_cli" and hasattr(item, "callspec")}
+    cases = [c for c in request.module.CASES if c.id in wanted]
+    return run_cli_cases(cases, robust_base, tmp_path_factory.mktemp("cli"))

@@ -262,6 +262,42 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy().copy()
 
 
+def _towers(model):
+    """(SigLIP vision transformer, Gemma decoder) of a PaliGemmaForConditionalGeneration."""
+    vt = model.model.vision_tower
+    return getattr(vt, "vision_model", vt), model.model.language_model  # transformers < 5 nests SigLIP
+
+
+def stage_modules(model):
+    """(npvlm stage name, module, "output" or "input") of every traced stage, in forward order:
+    the stage is that module's output, or for text.embed the input of decoder layer 0 (the
+    merged, scaled embeddings). The one list of hooked stages, for activations and gradients."""
+    vt, lm = _towers(model)
+    yield "vision.embed", vt.embeddings, "output"
+    for i, layer in enumerate(vt.encoder.layers):
+        yield f"vision.layer.{i:02d}", layer, "output"
+    yield "vision.post_norm", vt.post_layernorm, "output"
+    yield "projector", model.model.multi_modal_projector, "output"
+    yield "text.embed", lm.layers[0], "input"
+    for i, layer in enumerate(lm.layers):
+        yield f"text.layer.{i:02d}", layer, "output"
+    yield "text.final_norm", lm.norm, "output"
+
+
+def hook_stages(model, on_tensor: Callable) -> list:
+    """Forward hooks that call on_tensor(stage name, tensor) at every stage; -> their handles."""
+    handles = []
+    for name, module, where in stage_modules(model):
+        if where == "output":
+            handles.append(module.register_forward_hook(
+                lambda _m, _inputs, output, name=name: on_tensor(name, _first_tensor(output))))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: on_tensor(name, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+    return handles
+
+
 def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_values,
                    attentions: bool = False) -> dict[str, np.ndarray]:
     """One fp32 forward pass with hooks; returns float32 arrays keyed by stage name.
@@ -284,17 +320,7 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
     """
     ids, mask, tti, pix = _tensors(input_ids, attention_mask, token_type_ids, pixel_values)
     pix = pix.to(model.dtype)  # float64 models are used to measure HF's own fp32 rounding noise
-    vt = model.model.vision_tower
-    vt = getattr(vt, "vision_model", vt)  # transformers < 5 nests SiglipVisionTransformer
-    lm = model.model.language_model
     out: dict[str, np.ndarray] = {}
-    handles = []
-
-    def record(name: str) -> Callable:
-        def hook(_module, _inputs, output):
-            out[name] = _to_numpy(_first_tensor(output))
-
-        return hook
 
     def record_weights(name: str) -> Callable:
         def hook(_module, _inputs, output):        # eager attention returns (out, attn_weights)
@@ -302,21 +328,10 @@ def capture_stages(model, input_ids, attention_mask, token_type_ids, pixel_value
 
         return hook
 
-    def record_layer0_input(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        out["text.embed"] = _to_numpy(hidden)
-
+    handles = hook_stages(model, lambda name, tensor: out.__setitem__(name, _to_numpy(tensor)))
     try:
-        handles.append(vt.embeddings.register_forward_hook(record("vision.embed")))
-        for i, layer in enumerate(vt.encoder.layers):
-            handles.append(layer.register_forward_hook(record(f"vision.layer.{i:02d}")))
-        handles.append(vt.post_layernorm.register_forward_hook(record("vision.post_norm")))
-        handles.append(model.model.multi_modal_projector.register_forward_hook(record("projector")))
-        handles.append(lm.layers[0].register_forward_pre_hook(record_layer0_input, with_kwargs=True))
-        for i, layer in enumerate(lm.layers):
-            handles.append(layer.register_forward_hook(record(f"text.layer.{i:02d}")))
-        handles.append(lm.norm.register_forward_hook(record("text.final_norm")))
         if attentions:
+            vt, lm = _towers(model)
             for prefix, layers in (("vision", vt.encoder.layers), ("text", lm.layers)):
                 for i, layer in enumerate(layers):
                     handles.append(layer.self_attn.register_forward_hook(
@@ -383,30 +398,11 @@ def example_weights(examples: list[dict], reduction: str) -> list[float]:
 
 
 def _stage_gradient_hooks(model, got: dict) -> list:
-    """Hooks that put the gradient arriving at each stage output into `got`, by npvlm's names."""
-    vt = model.model.vision_tower
-    vt = getattr(vt, "vision_model", vt)
-    lm = model.model.language_model
-
-    def keep(name):
-        def hook(_module, _inputs, output):
-            _first_tensor(output).register_hook(lambda g: got.__setitem__(name, _to_numpy(g)[0]))
-        return hook
-
-    def keep_input(name):
-        def hook(_module, args, kwargs):
-            (args[0] if args else kwargs["hidden_states"]).register_hook(
-                lambda g: got.__setitem__(name, _to_numpy(g)[0]))
-        return hook
-
-    handles = [vt.embeddings.register_forward_hook(keep("grad.vision.embed"))]
-    handles += [layer.register_forward_hook(keep(f"grad.vision.layer.{i:02d}")) for i, layer in enumerate(vt.encoder.layers)]
-    handles.append(vt.post_layernorm.register_forward_hook(keep("grad.vision.post_norm")))
-    handles.append(model.model.multi_modal_projector.register_forward_hook(keep("grad.projector")))
-    handles.append(lm.layers[0].register_forward_pre_hook(keep_input("grad.text.embed"), with_kwargs=True))
-    handles += [layer.register_forward_hook(keep(f"grad.text.layer.{i:02d}")) for i, layer in enumerate(lm.layers)]
-    handles.append(lm.norm.register_forward_hook(keep("grad.text.final_norm")))
-    return handles
+    """Hooks that put the gradient arriving at each stage output into `got`, by npvlm's names
+    with "grad." in front."""
+    def keep(name, tensor):
+        tensor.register_hook(lambda g: got.__setitem__(f"grad.{name}", _to_numpy(g)[0]))
+    return hook_stages(model, keep)
 
 
 def _backward_one(model, example: dict, weight: float):

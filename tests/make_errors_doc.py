@@ -1,4 +1,4 @@
-"""Regenerate docs/errors.md by running every case of tests/test_robustness.py.
+"""Regenerate docs/errors.md by running every case of the robustness tables (tests/robustness.py).
 
     python tests/make_errors_doc.py               # writes docs/errors.md
     python tests/make_errors_doc.py --out -       # prints it
@@ -15,7 +15,15 @@ from pathlib import Path
 
 from npvlm.errors import NpvlmError
 
-import test_robustness as T  # this folder: the robustness table
+import robustness as T  # this folder: the tables' machinery
+import test_robustness_finetune
+import test_robustness_images
+import test_robustness_models
+import test_robustness_options
+
+# every case, in the order of the doc's sections (groups in order of first appearance)
+CASES = test_robustness_models.CASES + test_robustness_images.CASES + test_robustness_options.CASES
+FINETUNE_CASES = test_robustness_finetune.FINETUNE_CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +39,7 @@ pass `--debug`. Anything else (`internal error (SomeType): ...`) is a bug: pleas
 the `--debug` output.
 
 **Generated file.** The messages below were produced by running each case of
-`tests/test_robustness.py` through the API and through `run.py`
+the robustness tables (`tests/test_robustness_*.py`) through the API and through `run.py`
 (`python tests/make_errors_doc.py`); paths are shown relative to the case's temporary folder.
 The tests check a fragment of each message (and that every case is listed here); rerun the
 tool after changing a message or adding a case.
@@ -134,14 +142,14 @@ def make_doc():
         root = Path(d)
         base = T.make_base(root / "base")
         groups = []
-        for case in T.CASES:
+        for case in CASES:
             if case.group not in groups:
                 groups.append(case.group)
         for group in groups:
             out.append(f"\n## {group}\n")
             out.append("| case | API | run.py (last stderr line) | exit | what to do |")
             out.append("|---|---|---|---|---|")
-            for case in (c for c in T.CASES if c.group == group):
+            for case in (c for c in CASES if c.group == group):
                 api, cli, code, loaded = run_case(case, root, base)
                 api_cell = "works" if case.api is None and not api.startswith("(") else _cell(api)
                 exit_cell = str(code) + ("" if code in (0, "") else
@@ -154,7 +162,7 @@ def make_doc():
                    "it happens; in every case nothing is written to `--out`.\n")
         out.append("| case | `python -m npvlm.finetune` (last stderr line) | exit | what to do |")
         out.append("|---|---|---|---|")
-        for case in T.FINETUNE_CASES:
+        for case in FINETUNE_CASES:
             tmp = root / case.id
             tmp.mkdir()
             r = T.run_finetune_cli(case.build(tmp, base), tmp)

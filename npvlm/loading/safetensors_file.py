@@ -11,9 +11,9 @@ the package has checked, are read straight into the array that keeps them (`read
 tensor at a time. BF16 widens to fp32 exactly: its 16 bits are the top half of an fp32
 (npvlm/loading/bf16.py).
 
-Why not the package's own `get_tensor`: on the 3B-224 checkpoint it loaded 2.7x slower (its
-`pread` path allocates and copies each tensor twice) or held a whole shard's pages in the
-process's memory on top of the weights (its memory map), docs/performance.md "Loading".
+Why not the package's own `get_tensor`: its `pread` path copies each tensor twice, and its
+memory map keeps a whole shard's pages in the process on top of the weights (the measurements:
+docs/performance.md, "Loading").
 """
 
 import json

@@ -1,0 +1,18 @@
+"""docs/errors.md is generated from the robustness tables (tests/make_errors_doc.py): a new case
+or a changed message needs the doc regenerated."""
+
+from helpers import ROOT
+from make_errors_doc import CASES, FINETUNE_CASES
+
+
+def test_errors_doc_lists_every_case():
+    doc = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    stale = [c.id for c in CASES if c.what not in doc
+             or (c.api and not c.needs_no_gpu and c.api[1] not in doc)]
+    stale += [c.id for c in FINETUNE_CASES if c.what not in doc or c.error[1] not in doc]
+    assert not stale, f"docs/errors.md is stale for {stale}; run python tests/make_errors_doc.py"
+
+
+def test_case_ids_are_unique():
+    ids = [c.id for c in CASES] + [c.id for c in FINETUNE_CASES]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
