@@ -36,11 +36,18 @@
 # | patches → `[B, N, D_v]` | `siglip.patch_embed` | 02 |
 # | SigLIP encoder layers | `siglip.encoder_layer` | 03 |
 # | projector, merge with the text embeddings | `paligemma.encode_images`, `merge_embeddings` | 04 |
-# | Gemma layers | `gemma.gemma_block` | 05 |
+# | Gemma layers | `gemma.gemma_layer` | 05 |
 # | prefix-LM mask, prefill, KV cache, decode | `masks.prefix_lm_mask`, `paligemma.prefill`, `decode_step` | 06 |
 # | choosing the next token | `sampling.choose` | 07 |
 # | `<loc>`/`<seg>` tokens → boxes and masks | `detection`, `segmentation`, `draw` | 08 |
-# | PaliGemma 2 | `gemma.gemma2_block` | 09 |
+# | PaliGemma 2 | `gemma.gemma2_layer` | 09 |
+# | the backward pass, every gradient | `paligemma.backward`, each layer's `_backward` | 10 |
+# | fine-tuning: loss, optimizer, steps | `training.grads.loss_and_grads`, `training.optim` | 11 |
+#
+# `siglip`, `gemma`, `paligemma`, `masks` and the other modules of the model math live in
+# `npvlm/model/` and need numpy alone; around them, `npvlm/inputs/` (images, tokens),
+# `npvlm/generation/` (the decode loop, `sampling`), `npvlm/tasks/` (`detection`,
+# `segmentation`, `draw`) and `npvlm/training/`. docs/architecture.md opens with the map.
 
 # %%
 # The model these notebooks run on. "demo" is the small PaliGemma embedded in npvlm
@@ -51,16 +58,14 @@
 MODEL = "demo"
 
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.parity import compare_stages
+from npvlm.parity import GOLDENS, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 t0 = time.perf_counter()
 model = npvlm.load(MODEL)
@@ -239,8 +244,8 @@ plt.show()
 #
 # `tests/goldens/` holds tiny random-weight PaliGemma checkpoints with every intermediate
 # tensor and the greedy tokens that HF transformers computed for them (`tests/make_goldens.py`).
-# Run the pipeline above on one of them and compare every stage with `npvlm.trace.compare_stages`,
-# the helper the tests use, over the stage list `npvlm.trace.stage_names` (the same list the tests
+# Run the pipeline above on one of them and compare every stage with `npvlm.parity.compare_stages`,
+# the helper the tests use, over the stage list `npvlm.model.record.stage_names` (the same list the tests
 # and goldens use). Text stages are compared on real tokens only (left padding is masked
 # garbage). The goldens are committed files: this check needs neither torch nor transformers.
 

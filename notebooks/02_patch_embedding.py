@@ -33,19 +33,16 @@
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
-from npvlm.inputs.image import preprocess
 from npvlm.model.siglip import patch_embed, patchify
-from npvlm.parity import compare, compare_stages
+from npvlm.parity import GOLDENS, compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 vcfg = model.cfg.vision
@@ -54,7 +51,7 @@ Dv = vcfg.hidden_size
 print(model)
 print(f"R = {R}, P = {P}: a {g} x {g} grid, N = {N} patches of C·P·P = {3 * P * P} values, width D_v = {Dv}")
 
-pixel_values = preprocess(SAMPLE_SCENE, R)[None]           # [1, 3, R, R] (notebook 01)
+pixel_values = model.processor([SAMPLE_SCENE], ["caption en"])["pixel_values"]   # [1, 3, R, R] (notebook 01)
 print(f"pixel_values {list(pixel_values.shape)}")
 
 # %% [markdown]

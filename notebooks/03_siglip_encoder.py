@@ -37,7 +37,6 @@
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -45,15 +44,13 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import make_scene
-from npvlm.inputs.image import preprocess
 from npvlm.model.attention import attention, split_heads
 from npvlm.model.layers import gelu_tanh, layer_norm, linear, softmax
 from npvlm.model.record import vision_stage_names
 from npvlm.model.siglip import encoder_layer, mlp, patch_embed, self_attention, vision_tower
-from npvlm.parity import compare, compare_stages
+from npvlm.parity import GOLDENS, compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 vcfg = model.cfg.vision
@@ -63,7 +60,7 @@ print(model)
 print(f"SigLIP: {L} layers, width D_v = {Dv}, Hq = {Hq} heads of E = {E}, MLP width {vcfg.intermediate_size}, "
       f"LayerNorm eps {vcfg.layer_norm_eps}")
 
-pixel_values = preprocess(SAMPLE_SCENE, R)[None]                       # [1, 3, R, R] (notebook 01)
+pixel_values = model.processor([SAMPLE_SCENE], ["caption en"])["pixel_values"]   # [1, 3, R, R] (notebook 01)
 h0 = patch_embed(pixel_values, model.params["vision"], vcfg)           # [1, N, D_v]  (notebook 02)
 layer = model.params["vision"]["layers"][0]
 print(f"input to layer 0: {list(h0.shape)}; layer parameters: {list(layer)}")

@@ -32,7 +32,6 @@
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,10 +43,9 @@ from npvlm.model.gemma import embed_tokens
 from npvlm.model.layers import linear
 from npvlm.model.paligemma import encode_images, merge_embeddings
 from npvlm.model.siglip import vision_tower
-from npvlm.parity import compare, compare_stages
+from npvlm.parity import GOLDENS, compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 cfg = model.cfg

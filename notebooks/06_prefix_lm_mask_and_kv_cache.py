@@ -40,7 +40,6 @@
 MODEL = "demo"
 
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -49,10 +48,9 @@ import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.demo.scenes import caption, make_scene
 from npvlm.model.masks import decode_mask, prefix_lm_mask
-from npvlm.parity import compare, compare_stages
+from npvlm.parity import GOLDENS, compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 cfg, tok = model.cfg, model.tokenizer

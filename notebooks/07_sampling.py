@@ -36,7 +36,6 @@
 MODEL = "demo"
 
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,10 +43,9 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.generation.sampling import SamplingOptions, choose, filtered_probs, row_generators
-from npvlm.parity import compare
+from npvlm.parity import GOLDENS, compare
 
 plt.rcParams.update({"figure.dpi": 72})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 cfg, tok = model.cfg, model.tokenizer

@@ -27,7 +27,7 @@
 # $$
 #
 # plus grouped-query attention with several K/V heads. See `docs/paligemma2.md`; code:
-# `npvlm/model/gemma.py` (`gemma2_block` next to `gemma_block`), `npvlm/model/layers.py` (`softcap`),
+# `npvlm/model/gemma.py` (`gemma2_layer` next to `gemma_layer`), `npvlm/model/layers.py` (`softcap`),
 # `npvlm/model/attention.py` (the cap and the scale, read from the config), `npvlm/model/masks.py` (the
 # window in `prefix_lm_mask`, `decode_mask`).
 
@@ -45,13 +45,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
+from npvlm.parity import GOLDENS
 
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 MODEL = GOLDENS / "pg2_gqa_v5" / "model"
 
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.generation.generate import greedy_ids
-from npvlm.model.gemma import gemma2_block, gemma_block, lm_head
+from npvlm.model.gemma import gemma2_layer, gemma_layer, lm_head
 from npvlm.model.layers import softcap
 from npvlm.model.masks import decode_mask, prefill_masks
 from npvlm.model.record import stage_names
@@ -92,8 +92,8 @@ print("layer types:", [tc.layer_type(i) for i in range(tc.num_hidden_layers)])
 # Gemma 1 the same name normalises the MLP input), and the MLP gets a pre- and a post-norm.
 
 # %%
-print(inspect.getsource(gemma_block))
-print(inspect.getsource(gemma2_block))
+print(inspect.getsource(gemma_layer))
+print(inspect.getsource(gemma2_layer))
 print("norms per layer:", [k for k in model.params["text"]["layers"][0] if k.endswith("layernorm")])
 
 # %% [markdown]
@@ -157,8 +157,8 @@ types = np.zeros_like(am) if types is None else types
 rope = rope_tables(prompt_positions(am), tc.head_dim, tc.rope_theta)            # (cos, sin)
 masks = prefill_masks(am, types, tc, np.float32)     # {"full_attention", "sliding_attention"}: [B, 1, T, S]
 layer0, mask0 = model.params["text"]["layers"][0], masks[tc.layer_type(0)]
-capped = gemma2_block(trace["text.embed"], layer0, tc, rope, mask0)
-uncapped = gemma2_block(trace["text.embed"], layer0, replace(tc, attn_logit_softcapping=None), rope, mask0)
+capped = gemma2_layer(trace["text.embed"], layer0, tc, rope, mask0)
+uncapped = gemma2_layer(trace["text.embed"], layer0, replace(tc, attn_logit_softcapping=None), rope, mask0)
 print(compare("layer 0 == traced text.layer.00", capped, trace["text.layer.00"]))
 print(f"removing the attention cap changes layer 0 by up to {np.abs(capped - uncapped).max():.3f}")
 
@@ -198,7 +198,7 @@ print(f"greedy tokens {list(tokens.shape)}:\n{tokens}")
 #
 # Both PaliGemma 2 goldens (`pg2_gqa_v5`: F32, transformers 5.x names; `pg2_gqa_hub`: BF16, two
 # shards, hub names): every stage of a prefill with the 4-token causal suffix (the stages of
-# `npvlm.trace.stage_names`), and 32 greedy tokens. The goldens are committed tensors: no torch
+# `npvlm.model.record.stage_names`), and 32 greedy tokens. The goldens are committed tensors: no torch
 # needed.
 
 # %%

@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # 10 · Backpropagation: the gradient of one Gemma block, step by step, then of the whole model
+# # 10 · Backpropagation: the gradient of one Gemma layer, step by step, then of the whole model
 #
 # **Goal.** Compute the gradient of PaliGemma's training loss by hand, one backward function at a
 # time, and check every step against PyTorch autograd (the committed gradient golden,
@@ -43,7 +43,6 @@
 # golden. Every check in this notebook runs without torch.
 MODEL = "pg1_gqa_v5"
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,12 +51,11 @@ import npvlm
 from npvlm.model import gemma, layers, loss, paligemma
 from npvlm.model.attention import attention_backward, projections_backward
 from npvlm.model.rope import apply_rope_backward
-from npvlm.parity import compare_grad
+from npvlm.parity import GOLDENS, compare_grad
 from npvlm.training.grads import loss_and_grads, save_plan
 from npvlm.tree import flatten
 
 plt.rcParams.update({"figure.dpi": 72})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"
 
 model = npvlm.load(GOLDENS / MODEL / "model")
 cfg, tc = model.cfg, model.cfg.text
@@ -98,8 +96,8 @@ def kept(part, prefix=""):
 
 
 last = tc.num_hidden_layers - 1
-block = saved["text"]["layers"][last]
-for name, part in block.items():
+saved_layer = saved["text"]["layers"][last]
+for name, part in saved_layer.items():
     print(f"layer {last} {name:26s} keeps {kept(part)}")
 
 # %% [markdown]
@@ -112,7 +110,7 @@ for name, part in block.items():
 
 # %%
 text = model.params["text"]
-d_logits = loss.cross_entropy_backward(saved["loss"])                           # [n, V]
+d_logits = loss.cross_entropy_backward(1.0, saved["loss"])                           # [n, V]
 d_rows, g_head = gemma.lm_head_backward(d_logits, saved["text"]["lm_head"], text["embed_tokens"], tc)
 dh = np.zeros(saved["inputs"]["shape"], np.float32)
 dh[saved["inputs"]["rows"], saved["inputs"]["cols"]] = d_rows                   # one loss per position
@@ -124,9 +122,9 @@ name = f"grad.text.layer.{last:02d}"
 print(compare_grad(name, dh, golden[f"stage.{name}"], noise(f"stage.{name}"), where=real))
 
 # %% [markdown]
-# ## 3. Back through the last Gemma block, one function at a time
+# ## 3. Back through the last Gemma layer, one function at a time
 #
-# The block (notebook 05) is `h += attn(N1(h)); h += geglu(N2(h))`. Backward goes in reverse:
+# The layer (notebook 05) is `h += attn(N1(h)); h += geglu(N2(h))`. Backward goes in reverse:
 # the MLP branch first, then the attention branch, each adding its input gradient to the
 # residual stream's.
 
@@ -136,20 +134,20 @@ rope = saved["inputs"]["rope"]
 grads = {}
 
 # the MLP branch: down(gelu(gate x) * up x), then its input norm
-dx, grads["mlp"] = gemma.geglu_backward(dh, block["mlp"], p["mlp"])
-dn, grads["post_attention_layernorm"] = layers.rms_norm_backward(dx, block["post_attention_layernorm"],
+dx, grads["mlp"] = gemma.geglu_backward(dh, saved_layer["mlp"], p["mlp"])
+dn, grads["post_attention_layernorm"] = layers.rms_norm_backward(dx, saved_layer["post_attention_layernorm"],
                                                                  **p["post_attention_layernorm"])
 dh_mid = dh + dn                                                   # the residual adds the branch's
 
 # the attention branch, opened up: o_proj, attention (softmax, scale), RoPE, then q/k/v
-sa = block["self_attn"]
+sa = saved_layer["self_attn"]
 d_out, g_o = layers.linear_backward(dh_mid, sa["o_proj"], **p["self_attn"]["o_proj"])
 dq, dk, dv = attention_backward(d_out, sa["attn"], tc)             # [B, Hq, T, E], [B, Hk, T, E] x2
 print("dq, dk, dv:", dq.shape, dk.shape, dv.shape, "(dk, dv summed over the G query heads that share each)")
 dq, dk = apply_rope_backward(dq, rope), apply_rope_backward(dk, rope)
 dx, g_qkv = projections_backward({"q_proj": dq, "k_proj": dk, "v_proj": dv}, sa, p["self_attn"])
 grads["self_attn"] = dict(g_qkv, o_proj=g_o)
-dn, grads["input_layernorm"] = layers.rms_norm_backward(dx, block["input_layernorm"], **p["input_layernorm"])
+dn, grads["input_layernorm"] = layers.rms_norm_backward(dx, saved_layer["input_layernorm"], **p["input_layernorm"])
 dh_in = dh_mid + dn
 
 name = f"grad.text.layer.{last - 1:02d}"
@@ -161,17 +159,17 @@ for r in results:
 assert all(r.ok for r in results)
 
 # %% [markdown]
-# The library's `gemma_block_backward` is exactly these steps (`npvlm/model/gemma.py`):
+# The library's `gemma_layer_backward` is exactly these steps (`npvlm/model/gemma.py`):
 
 # %%
-dh_lib, grads_lib = gemma.gemma_block_backward(dh, block, p, tc, rope)
+dh_lib, grads_lib = gemma.gemma_layer_backward(dh, saved_layer, p, tc, rope)
 print("same input gradient:", np.array_equal(dh_lib, dh_in),
       "| same parameter gradients:", all(np.array_equal(flatten(grads_lib)[k], v) for k, v in flatten(grads).items()))
 
 # %% [markdown]
 # ## 4. The whole model, stage by stage
 #
-# `loss_and_grads` runs the forward and `paligemma.backward` (every block's backward, the merge of
+# `loss_and_grads` runs the forward and `paligemma.backward` (every layer's backward, the merge of
 # image and text embeddings, the projector, the SigLIP layers). With a `trace`, the gradient
 # arriving at each stage output is kept under the forward's stage name with `grad.` in front, so
 # you can step backward through the model as notebooks 02-05 stepped forward.

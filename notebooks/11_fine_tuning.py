@@ -19,7 +19,7 @@
 # yellow), answered `0` to `3`. The demo knows colors (`what color is the circle?`) and counts all
 # shapes (`how many shapes are there?`), but was never asked to count one color.
 #
-# Each step below is what `python -m npvlm.finetune` runs (npvlm/finetune.py), written out:
+# Each step below is what `python -m npvlm.finetune` runs (its loop: npvlm/training/loop.py), written out:
 #
 # $$
 # \text{loss} = -\frac{1}{B}\sum_b \frac{1}{|S_b|}\sum_{t \in S_b} \log p(x_{t+1} \mid x_{\le t}),

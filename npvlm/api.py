@@ -123,7 +123,7 @@ class PaliGemma:
 
         images: one image (path, PIL image or HWC array) or a list; prompts: a string (asked of
         every image) or a list of the same length. Greedy by default; `temperature`/`top_k`/
-        `top_p`/`seed` sample (npvlm.sampling). Generation ends at eos, at any of the `stop`
+        `top_p`/`seed` sample (npvlm.generation.sampling). Generation ends at eos, at any of the `stop`
         strings (cut from the text), or after `max_new_tokens`. `stream(text_piece)` receives
         text as it is produced (single prompt only). Returns a Generation, or a list of them
         for list inputs.

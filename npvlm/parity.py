@@ -6,10 +6,16 @@ the fp32 tolerances below. The stage names are the trace names of npvlm/model/re
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .backend import to_host
+
+# The golden tensors made by HF transformers (tests/make_goldens.py, tests/make_grad_goldens.py)
+# that the notebooks' check cells compare with: in a clone of the repository only (a
+# pip-installed npvlm does not ship tests/).
+GOLDENS = Path(__file__).resolve().parent.parent / "tests" / "goldens"
 
 # fp32 parity tolerances, as transformers' own tests use: |ours - ref| <= atol' + rtol * |ref|,
 # where atol' = ATOL * max(1, max|ref|) over the stage. Why scale atol: an fp32 activation is a

@@ -48,7 +48,7 @@ class Generation:
 
     def detections(self, divisor=1024):
         """The `<loc>`/`<seg>` records of the text as objects with boxes in the original image's
-        pixels, plus any malformed records (npvlm.detection.parse_detections). An answer without
+        pixels, plus any malformed records (npvlm.tasks.detection.parse_detections). An answer without
         any `<loc>` token (a caption, a VQA answer) is not a detection answer: no objects, no
         problems."""
         if "<loc" not in self.text:

@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # 05 · A Gemma block: RMSNorm, RoPE, multi-query attention, GeGLU
+# # 05 · A Gemma layer: RMSNorm, RoPE, multi-query attention, GeGLU
 #
 # **Goal.** Take the merged sequence (image tokens + text, notebook 04) through one layer of the
 # Gemma decoder, piece by piece, then through all layers to the logits.
@@ -42,7 +42,6 @@
 # google/paligemma-3b-mix-224 (docs/checkpoints.md): every size is read from model.cfg.
 MODEL = "demo"
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -50,17 +49,16 @@ import numpy as np
 import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.model.attention import attention
-from npvlm.model.gemma import geglu, gemma_block, lm_head, self_attention
+from npvlm.model.gemma import geglu, gemma_layer, lm_head, self_attention
 from npvlm.model.layers import gelu_tanh, linear, rms_norm, softmax
 from npvlm.model.masks import prefill_masks, prefix_lm_mask
 from npvlm.model.paligemma import encode_images, final_norm, merge_embeddings
 from npvlm.model.record import text_stage_names
 from npvlm.model.rope import apply_rope, prompt_positions, rope_tables
 from npvlm.model.siglip import split_heads
-from npvlm.parity import compare, compare_stages
+from npvlm.parity import GOLDENS, compare, compare_stages
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest"})
-GOLDENS = Path(npvlm.__file__).resolve().parent.parent / "tests" / "goldens"  # made by HF transformers
 
 model = npvlm.load(MODEL)
 cfg, tc = model.cfg, model.cfg.text
@@ -217,19 +215,19 @@ axes[1].set_title("gelu_tanh(gate)")
 plt.show()
 
 # %% [markdown]
-# ## 5. The block, and the whole decoder
+# ## 5. The layer, and the whole decoder
 #
-# The two branches together are `gemma_block(h, p, cfg, rope, mask)` (a fifth argument, the
+# The two branches together are `gemma_layer(h, p, cfg, rope, mask)` (a fifth argument, the
 # layer's KV cache slot, is notebook 06's). Run every layer, then the final RMSNorm
 # (`paligemma.final_norm`) and the output layer, which is the embedding table again:
 # `logits = RMSNorm(h) @ Eᵀ` (`gemma.lm_head`, given `params["text"]["embed_tokens"]`).
 
 # %%
 h2 = h1 + mlp_out
-print(compare("h + attn + mlp == gemma_block", h2, gemma_block(h, layer, tc, rope, mask)))
+print(compare("h + attn + mlp == gemma_layer", h2, gemma_layer(h, layer, tc, rope, mask)))
 hh = h
 for p in model.params["text"]["layers"]:
-    hh = gemma_block(hh, p, tc, rope, mask)
+    hh = gemma_layer(hh, p, tc, rope, mask)
 final = final_norm(hh[:, -1], model.params["text"]["norm"], tc)                     # the last position only
 logits = lm_head(final, model.params["text"]["embed_tokens"], tc)
 print(f"after {tc.num_hidden_layers} layers: {list(hh.shape)} -> final norm {list(final.shape)} -> logits {list(logits.shape)}")
@@ -239,7 +237,7 @@ print(compare("== model.prefill", logits, model.prefill(ids, attention_mask, inp
 # ## Check against Hugging Face
 #
 # The golden model `pg1_gqa_v5` has grouped-query attention (4 query heads, 2 K/V heads). From
-# HF's `text.embed`, build the positions, the RoPE tables and the mask, apply `gemma_block` layer by
+# HF's `text.embed`, build the positions, the RoPE tables and the mask, apply `gemma_layer` layer by
 # layer, `final_norm` and `lm_head`, and compare every stage with HF's (on real tokens). The
 # goldens are committed tensors: no torch needed.
 
@@ -252,7 +250,7 @@ grope = rope_tables(prompt_positions(am), gtc.head_dim, gtc.rope_theta)       # 
 gmask = prefill_masks(am, golden["token_type_ids"], gtc, np.float32)["full_attention"]
 ours, h = {}, golden["text.embed"]
 for i, p in enumerate(gm.params["text"]["layers"]):
-    h = ours[f"text.layer.{i:02d}"] = gemma_block(h, p, gtc, grope, gmask)
+    h = ours[f"text.layer.{i:02d}"] = gemma_layer(h, p, gtc, grope, gmask)
 ours["text.final_norm"] = final_norm(h, gm.params["text"]["norm"], gtc)
 ours["logits"] = lm_head(ours["text.final_norm"], gm.params["text"]["embed_tokens"], gtc)
 names = text_stage_names(gtc.num_hidden_layers)[1:]              # the layers, final norm, logits
