@@ -26,6 +26,8 @@ from npvlm.tasks.segmentation import (
     paste_mask,
 )
 
+from helpers import one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "vae"
 FORMAT_VERSION = 1
@@ -179,11 +181,9 @@ def _write(tmp_path, arrays, name="vae.npz"):
     return path
 
 
-def _one_line_error(path, match):
-    with pytest.raises(CheckpointError, match=match) as e:
-        load_vae(path)
-    assert "\n" not in str(e.value)
-    return str(e.value)
+def _vae_error(path, *fragments):
+    """load_vae(path) must raise a one-line CheckpointError holding every fragment."""
+    return one_line_error(CheckpointError, lambda: load_vae(path), *fragments)
 
 
 def test_keys_outside_the_decoder_are_ignored(tmp_path):
@@ -199,31 +199,31 @@ def test_keys_outside_the_decoder_are_ignored(tmp_path):
 def test_missing_key_is_named(tmp_path):
     arrays = _raw_fixture()
     del arrays["decoder.6.weight"]
-    _one_line_error(_write(tmp_path, arrays),
-                    r"missing key 'decoder\.6\.weight' \(expected shape \[128, 64, 4, 4\]\)")
+    _vae_error(_write(tmp_path, arrays),
+               "missing key 'decoder.6.weight' (expected shape [128, 64, 4, 4])")
 
 
 def test_missing_codebook_is_named(tmp_path):
     arrays = _raw_fixture()
     del arrays["_vq_vae._embedding"]
-    _one_line_error(_write(tmp_path, arrays), r"missing key '_vq_vae\._embedding'")
+    _vae_error(_write(tmp_path, arrays), "missing key '_vq_vae._embedding'")
 
 
 def test_wrong_shape_is_named(tmp_path):
     arrays = _raw_fixture() | {"decoder.8.bias": np.zeros(31, np.float32)}
-    _one_line_error(_write(tmp_path, arrays), r"'decoder\.8\.bias' has shape \[31\], expected \[32\]")
+    _vae_error(_write(tmp_path, arrays), "'decoder.8.bias' has shape [31], expected [32]")
     arrays = _raw_fixture() | {"_vq_vae._embedding": np.zeros((100, 64), np.float32)}
-    _one_line_error(_write(tmp_path, arrays),
-                    r"'_vq_vae\._embedding' has shape \[100, 64\], expected \[128, 64\]")
+    _vae_error(_write(tmp_path, arrays),
+               "'_vq_vae._embedding' has shape [100, 64], expected [128, 64]")
 
 
 def test_unknown_decoder_key_is_an_error(tmp_path):
     arrays = _raw_fixture() | {"decoder.14.weight": np.zeros((1, 1, 1, 1), np.float32)}
-    _one_line_error(_write(tmp_path, arrays), r"unexpected decoder keys \['decoder\.14\.weight'\]")
+    _vae_error(_write(tmp_path, arrays), "unexpected decoder keys ['decoder.14.weight']")
 
 
 def test_missing_file_says_where_to_download(tmp_path):
-    msg = _one_line_error(tmp_path / "vae-oid.npz", "not found")
+    msg = _vae_error(tmp_path / "vae-oid.npz", "not found")
     assert "gs://big_vision/paligemma/vae-oid.npz" in msg and "download" in msg
 
 
@@ -243,7 +243,7 @@ def test_pickle_npz_is_refused_without_unpickling(tmp_path):
     obj[0] = _Sentinel(str(touched))
     path = _write(tmp_path, {"_vq_vae._embedding": obj})
     assert pickle.dumps(obj[0])                      # the file really holds a pickle
-    msg = _one_line_error(path, "pickled")
+    msg = _vae_error(path, "pickled")
     assert "allow_pickle" not in msg                 # no hint to load it unsafely
     assert not touched.exists()
 
@@ -251,7 +251,7 @@ def test_pickle_npz_is_refused_without_unpickling(tmp_path):
 def test_not_an_npz(tmp_path):
     path = tmp_path / "vae.npz"
     path.write_bytes(b"not a zip")
-    _one_line_error(path, "not a readable .npz")
+    _vae_error(path, "not a readable .npz")
 
 
 @pytest.mark.parametrize("codes, match", [

@@ -206,7 +206,7 @@ def _as_lists(images, prompts):
             return list(images), [prompts] * len(images), False
         return [images], [prompts], True
     prompts = list(prompts)
-    if not all(isinstance(p, str) for p in prompts):
+    if not all(isinstance(prompt, str) for prompt in prompts):
         raise InputError("prompts must be strings")
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if len(images) != len(prompts):

@@ -9,11 +9,11 @@ row has its own generator, seeded with the same seed, so a row samples exactly w
 alone, whatever else is in the batch.
 
     greedy       id = argmax(logits)
-    temperature  p = softmax(logits / T)
+    temperature  probs = softmax(logits / T)
     top-k        keep the k largest logits, the rest get probability 0
-    top-p        sort p descending, keep the smallest prefix whose mass reaches p
+    top-p        sort probs descending, keep the smallest prefix whose mass reaches top_p
                  (a token is kept iff the mass strictly before it is < top_p; the top token always)
-    draw         id = first index where cumsum(p) > u * sum(p), u ~ U[0, 1)
+    draw         id = first index where cumsum(probs) > u * sum(probs), u ~ U[0, 1)
 
 The order temperature -> top-k -> top-p is the order of HF's logits warpers.
 """

@@ -105,31 +105,31 @@ def expected_shapes(cfg):
         TEXT + "norm.weight": (D,),
     }
     for i in range(v.num_hidden_layers):
-        p = f"{VISION}encoder.layers.{i}."
+        layer = f"{VISION}encoder.layers.{i}."
         for norm in ("layer_norm1", "layer_norm2"):
-            shapes[p + norm + ".weight"] = (Dv,)
-            shapes[p + norm + ".bias"] = (Dv,)
+            shapes[layer + norm + ".weight"] = (Dv,)
+            shapes[layer + norm + ".bias"] = (Dv,)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[p + f"self_attn.{proj}.weight"] = (Dv, Dv)
-            shapes[p + f"self_attn.{proj}.bias"] = (Dv,)
-        shapes[p + "mlp.fc1.weight"] = (Fv, Dv)
-        shapes[p + "mlp.fc1.bias"] = (Fv,)
-        shapes[p + "mlp.fc2.weight"] = (Dv, Fv)
-        shapes[p + "mlp.fc2.bias"] = (Dv,)
+            shapes[layer + f"self_attn.{proj}.weight"] = (Dv, Dv)
+            shapes[layer + f"self_attn.{proj}.bias"] = (Dv,)
+        shapes[layer + "mlp.fc1.weight"] = (Fv, Dv)
+        shapes[layer + "mlp.fc1.bias"] = (Fv,)
+        shapes[layer + "mlp.fc2.weight"] = (Dv, Fv)
+        shapes[layer + "mlp.fc2.bias"] = (Dv,)
     norms = ["input_layernorm", "post_attention_layernorm"]
     if t.model_type == "gemma2":
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(t.num_hidden_layers):
-        p = f"{TEXT}layers.{i}."
+        layer = f"{TEXT}layers.{i}."
         for norm in norms:
-            shapes[p + norm + ".weight"] = (D,)
-        shapes[p + "self_attn.q_proj.weight"] = (t.num_attention_heads * E, D)
-        shapes[p + "self_attn.k_proj.weight"] = (t.num_key_value_heads * E, D)
-        shapes[p + "self_attn.v_proj.weight"] = (t.num_key_value_heads * E, D)
-        shapes[p + "self_attn.o_proj.weight"] = (D, t.num_attention_heads * E)
-        shapes[p + "mlp.gate_proj.weight"] = (F, D)
-        shapes[p + "mlp.up_proj.weight"] = (F, D)
-        shapes[p + "mlp.down_proj.weight"] = (D, F)
+            shapes[layer + norm + ".weight"] = (D,)
+        shapes[layer + "self_attn.q_proj.weight"] = (t.num_attention_heads * E, D)
+        shapes[layer + "self_attn.k_proj.weight"] = (t.num_key_value_heads * E, D)
+        shapes[layer + "self_attn.v_proj.weight"] = (t.num_key_value_heads * E, D)
+        shapes[layer + "self_attn.o_proj.weight"] = (D, t.num_attention_heads * E)
+        shapes[layer + "mlp.gate_proj.weight"] = (F, D)
+        shapes[layer + "mlp.up_proj.weight"] = (F, D)
+        shapes[layer + "mlp.down_proj.weight"] = (D, F)
     return shapes
 
 
@@ -173,7 +173,7 @@ def checkpoint_files(model_dir):
     if single.is_file():
         return [single], None
     if not index.is_file():
-        others = sorted(p.name for p in model_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        others = sorted(f.name for f in model_dir.glob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (f" (found {', '.join(others)}: pickle-based weights are not loaded, because loading "
                 "them can run arbitrary code; convert them to safetensors)") if others else ""
         raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"

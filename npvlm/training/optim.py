@@ -19,7 +19,7 @@ def lr_at(step, total, base_lr, schedule="constant", warmup=0):
     """The learning rate of optimizer step `step` (0-based) of `total`:
     warm-up   base_lr * step / warmup             for step < warmup (so step 0 takes lr 0)
     constant  base_lr                             after the warm-up
-    cosine    base_lr * 0.5 (1 + cos(pi p))       p = (step - warmup) / (total - warmup)
+    cosine    base_lr * 0.5 (1 + cos(pi t))       t = (step - warmup) / (total - warmup)
     as transformers' get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup."""
     if schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -49,8 +49,8 @@ def clip_grad_norm(grads, max_norm):
 
 
 class SGD:
-    """torch.optim.SGD: g' = g + wd p;  buf = momentum buf + g' (buf = g' at the first step);
-    p -= lr buf (or p -= lr g' without momentum)."""
+    """torch.optim.SGD on each trained array w: g' = g + wd w;  buf = momentum buf + g' (buf = g'
+    at the first step);  w -= lr buf (or w -= lr g' without momentum)."""
 
     def __init__(self, momentum=0.0, weight_decay=0.0):
         self.momentum, self.weight_decay = momentum, weight_decay
@@ -58,18 +58,18 @@ class SGD:
 
     def step(self, params, grads, lr):
         for name, g in grads.items():
-            p = params[name]
+            w = params[name]
             if self.weight_decay:
-                g = g + self.weight_decay * p
+                g = g + self.weight_decay * w
             if self.momentum:
                 buf = self.state.get(f"momentum.{name}")
                 if buf is None:
-                    buf = self.state[f"momentum.{name}"] = g.astype(p.dtype, copy=True)
+                    buf = self.state[f"momentum.{name}"] = g.astype(w.dtype, copy=True)
                 else:
                     buf *= self.momentum
                     buf += g
                 g = buf
-            p -= lr * g
+            w -= lr * g
         self.state["step"] += 1
 
     def state_dict(self):
@@ -80,9 +80,9 @@ class SGD:
 
 
 class AdamW:
-    """torch.optim.AdamW (decoupled weight decay, bias-corrected moments):
-    p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
-    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    """torch.optim.AdamW (decoupled weight decay, bias-corrected moments) on each trained array w:
+    w *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+    w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
 
     def __init__(self, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.b1, self.b2 = betas
@@ -93,18 +93,18 @@ class AdamW:
         t = self.state["step"] + 1
         c1, c2 = 1.0 - self.b1 ** t, 1.0 - self.b2 ** t
         for name, g in grads.items():
-            p = params[name]
-            xp = array_module(p)
-            m = self.state.setdefault(f"exp_avg.{name}", xp.zeros_like(p))
-            v = self.state.setdefault(f"exp_avg_sq.{name}", xp.zeros_like(p))
+            w = params[name]
+            xp = array_module(w)
+            m = self.state.setdefault(f"exp_avg.{name}", xp.zeros_like(w))
+            v = self.state.setdefault(f"exp_avg_sq.{name}", xp.zeros_like(w))
             if self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
+                w *= 1.0 - lr * self.weight_decay
             m *= self.b1
             m += (1.0 - self.b1) * g
             v *= self.b2
             v += (1.0 - self.b2) * (g * g)
             denom = xp.sqrt(v) / math.sqrt(c2) + self.eps
-            p -= (lr / c1) * (m / denom)
+            w -= (lr / c1) * (m / denom)
         self.state["step"] = t
 
     def state_dict(self):
