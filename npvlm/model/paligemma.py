@@ -17,6 +17,10 @@ runs one token per row against the cache (matrix-vector work, bound by memory ba
 A `batch` is the processor's dict: input_ids and attention_mask int[B, T], optional
 token_type_ids int[B, T] (0 prefix, 1 suffix; None = all prefix) and pixel_values
 float32[B, C, R, R] (or `image_tokens` [B, N, D] already encoded), all on the model's backend.
+
+The module reads top-down: inference (encode_images, merge_embeddings, decoder_inputs, decoder,
+prefill, decode_step), then training (forward_loss, backward, and the backward functions it
+calls, in the order it calls them).
 """
 
 from ..backend import array_module, to_host
@@ -260,6 +264,31 @@ def backward(saved, params, cfg, *, trace=None):
     return grads
 
 
+def decoder_backward(dh, saved, layers, cfg, rope, *, trace=None):
+    """Back through the Gemma layers, last first. dh: [B, T, D] (gradient of the last layer's
+    output) -> dh of the first layer's input, [per-layer grads]. trace: grad.text.layer.NN, the
+    gradient arriving at each layer's output."""
+    layer_backward = LAYER_BACKWARDS[cfg.model_type]
+    grads = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        record(trace, f"grad.text.layer.{i:02d}", dh)
+        dh, grads[i] = layer_backward(dh, saved["layers"][i], layers[i], cfg, rope)
+    return dh, grads
+
+
+def merge_embeddings_backward(dy, saved, p, cfg):
+    """Split the gradient of the merged embeddings: the <image> positions go to the image tokens,
+    the others to the embedding rows of their ids (when the embedding trains).
+    dy: [B, T, D] -> d_image_tokens [B, N, D], {"weight": [V, D]} or {}"""
+    is_image = saved["is_image"]
+    d_image = dy[is_image].reshape(saved["image_shape"])
+    if not is_trained(saved):
+        return d_image, {}
+    text_only = array_module(dy).where(is_image[..., None], 0, dy)      # image rows are not lookups
+    _, grads = embed_tokens_backward(text_only, saved, p, cfg.text)
+    return d_image, grads
+
+
 def encode_images_backward(dy, saved, params, cfg, *, need_dx=False, trace=None):
     """Back through the projector and the vision tower, as far as something trains (a subtree
     planned None is never entered). dy: [B, N, D] (gradient of the image tokens) -> d_pixels
@@ -280,28 +309,3 @@ def encode_images_backward(dy, saved, params, cfg, *, need_dx=False, trace=None)
         if g_vision:
             grads["vision"] = g_vision
     return d_pixels, grads
-
-
-def merge_embeddings_backward(dy, saved, p, cfg):
-    """Split the gradient of the merged embeddings: the <image> positions go to the image tokens,
-    the others to the embedding rows of their ids (when the embedding trains).
-    dy: [B, T, D] -> d_image_tokens [B, N, D], {"weight": [V, D]} or {}"""
-    is_image = saved["is_image"]
-    d_image = dy[is_image].reshape(saved["image_shape"])
-    if not is_trained(saved):
-        return d_image, {}
-    text_only = array_module(dy).where(is_image[..., None], 0, dy)      # image rows are not lookups
-    _, grads = embed_tokens_backward(text_only, saved, p, cfg.text)
-    return d_image, grads
-
-
-def decoder_backward(dh, saved, layers, cfg, rope, *, trace=None):
-    """Back through the Gemma layers, last first. dh: [B, T, D] (gradient of the last layer's
-    output) -> dh of the first layer's input, [per-layer grads]. trace: grad.text.layer.NN, the
-    gradient arriving at each layer's output."""
-    layer_backward = LAYER_BACKWARDS[cfg.model_type]
-    grads = [None] * len(layers)
-    for i in reversed(range(len(layers))):
-        record(trace, f"grad.text.layer.{i:02d}", dh)
-        dh, grads[i] = layer_backward(dh, saved["layers"][i], layers[i], cfg, rope)
-    return dh, grads
