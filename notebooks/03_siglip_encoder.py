@@ -12,7 +12,7 @@
 # # 03 · The SigLIP encoder: LayerNorm, multi-head attention, MLP
 #
 # **Goal.** Follow the image tokens through one SigLIP encoder layer, then through all of them.
-# Every layer is a pre-LN transformer block: each branch reads a normalised copy of the residual
+# Every layer is a pre-LN transformer layer: each branch reads a normalised copy of the residual
 # stream $h$ and adds its result back.
 #
 # $$

@@ -140,11 +140,13 @@ bh = merge_embeddings(bids, encode_images(batch["pixel_values"], model.params, c
 print(f"batch input_ids {list(bids.shape)} -> merged {list(bh.shape)}")
 
 # %% [markdown]
-# The merge checks its counts: a row must hold exactly one image's worth of `<image>` ids.
+# The counts are checked on the host, where the model takes a batch (`PaliGemma.device_batch`,
+# before anything moves to the device; the math itself reads no device value to check them): a
+# row must hold exactly one image's worth of `<image>` ids.
 
 # %%
 try:
-    merge_embeddings(ids[:, 1:], image_tokens, embed, cfg)                 # one <image> id short
+    model.prefill(ids[:, 1:], inputs["attention_mask"][:, 1:], inputs["pixel_values"])   # one <image> id short
 except InputError as e:
     print("InputError:", e)
 
@@ -176,6 +178,6 @@ assert all(r.ok for r in results)
 #    `"answer en what color is the triangle?"` to the two lists. Predict which rows get gray
 #    padding and how many columns each one loses to it; the batch figure and the printed shape
 #    show it.
-# 3. In the merge check cell, pass `image_tokens[:, :-1]` (one image token short) instead of
-#    `ids[:, 1:]`. Predict whether the error message now counts fewer `<image>` ids or fewer
-#    image features; the printed `InputError` shows it.
+# 3. In the count check cell, keep `ids` whole and pass the pixels of two images
+#    (`np.concatenate([inputs["pixel_values"]] * 2)`). Predict whether the error message now
+#    counts fewer `<image>` ids or more image features; the printed `InputError` shows it.

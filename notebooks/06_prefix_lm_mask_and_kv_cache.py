@@ -126,7 +126,7 @@ print(f"decode mask {list(step_mask.shape)} (B, 1, 1, S): {int((step_mask == 0).
 # `new_cache(B, capacity)` preallocates one slot per layer, `cache.layers[i]` (a `LayerKV`: keys
 # and values `[B, Hk, capacity, E]` and how many positions it holds, `length`), plus `key_valid`
 # (which positions hold real tokens), `next_position` (each row's next RoPE position) and
-# `length` (positions filled in every layer). Layer i's block gets its slot and calls
+# `length` (positions filled in every layer). Layer i gets its slot and calls
 # `slot.write(k, v)`, which stores the new keys and values in place (nothing is concatenated)
 # and returns views of every filled position to attend to.
 

@@ -78,8 +78,8 @@ for t in range(NEW):
 print(f"greedy: {tok.decode(ids)!r} ({len(ids)} tokens)")
 
 
-def entropy(p):
-    return float(-(p * np.log(np.where(p > 0, p, 1))).sum())
+def entropy(probs):
+    return float(-(probs * np.log(np.where(probs > 0, probs, 1))).sum())
 
 
 ent = [entropy(filtered_probs(z, 1.0)[0]) for z in steps]
@@ -101,8 +101,8 @@ top = np.argsort(-p1)[:TOP]
 names = [repr(piece(i))[1:-1] for i in top]
 fig, ax = plt.subplots(figsize=(9, 3))
 for j, tau in enumerate([0.5, 1.0, 2.0]):
-    p = filtered_probs(z, tau)[0]
-    ax.bar(np.arange(TOP) + 0.27 * (j - 1), p[top], width=0.27, label=f"τ = {tau} (entropy {entropy(p):.2f})")
+    probs = filtered_probs(z, tau)[0]
+    ax.bar(np.arange(TOP) + 0.27 * (j - 1), probs[top], width=0.27, label=f"τ = {tau} (entropy {entropy(probs):.2f})")
 ax.set_xticks(range(TOP), names, rotation=45, fontsize=9)
 ax.set_ylabel("probability")
 ax.set_title(f"the {TOP} most likely tokens at step {step}")
@@ -130,11 +130,11 @@ K, TOP_P = 5, 0.95
 filters = {"none": filtered_probs(z, 1.0)[0], f"top_k={K}": filtered_probs(z, 1.0, top_k=K)[0],
            f"top_p={TOP_P}": filtered_probs(z, 1.0, top_p=TOP_P)[0]}
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8), sharey=True)
-for ax, (name, p) in zip(axes, filters.items()):
-    kept = p[top] > 0
-    ax.bar(range(TOP), p[top], color=np.where(kept, "tab:blue", "lightgray"))
+for ax, (name, probs) in zip(axes, filters.items()):
+    kept = probs[top] > 0
+    ax.bar(range(TOP), probs[top], color=np.where(kept, "tab:blue", "lightgray"))
     ax.set_xticks(range(TOP), names, rotation=60, fontsize=8)
-    ax.set_title(f"{name}: {int((p > 0).sum())} of {p.size} tokens kept", fontsize=10)
+    ax.set_title(f"{name}: {int((probs > 0).sum())} of {probs.size} tokens kept", fontsize=10)
 plt.show()
 sorted_p = np.sort(p1)[::-1]
 print(f"top_p={TOP_P}: the {int((filters[f'top_p={TOP_P}'] > 0).sum())} kept token(s) held "
@@ -153,10 +153,10 @@ options = SamplingOptions(temperature=1.0, top_p=TOP_P, seed=0)
 rng = np.random.default_rng(options.seed)
 draws = np.concatenate([choose(z, options, rng) for _ in range(400)])
 counts = np.bincount(draws, minlength=z.shape[-1]) / draws.size
-p = filters[f"top_p={TOP_P}"]
-kept = np.flatnonzero(p)[np.argsort(-p[np.flatnonzero(p)])][:TOP]
+probs = filters[f"top_p={TOP_P}"]
+kept = np.flatnonzero(probs)[np.argsort(-probs[np.flatnonzero(probs)])][:TOP]
 fig, ax = plt.subplots(figsize=(7, 2.6))
-ax.bar(np.arange(len(kept)) - 0.2, p[kept], width=0.4, label="filtered p")
+ax.bar(np.arange(len(kept)) - 0.2, probs[kept], width=0.4, label="filtered probs")
 ax.bar(np.arange(len(kept)) + 0.2, counts[kept], width=0.4, label="frequency in 400 draws")
 ax.set_xticks(range(len(kept)), [repr(piece(i))[1:-1] for i in kept], rotation=45, fontsize=9)
 ax.legend(fontsize=8)

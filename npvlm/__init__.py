@@ -22,6 +22,7 @@ The package by folder (docs/architecture.md draws the arrows between them):
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -37,10 +38,14 @@ __all__ = list(_PUBLIC)
 
 
 def __getattr__(name):
-    """`npvlm.load` and the other public names: imported on first use (PEP 562)."""
-    if name not in _PUBLIC:
+    """`npvlm.load` and the other public names, and the submodules (`npvlm.errors`,
+    `npvlm.model`, ...): imported on first use (PEP 562)."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'npvlm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
     globals()[name] = value
     return value
 

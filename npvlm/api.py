@@ -69,15 +69,18 @@ class PaliGemma:
 
     def device_batch(self, batch):
         """A processor batch (a dict of host arrays) checked and moved to this model's backend: the
-        input of `paligemma.prefill` and of `training.loss_and_grads`. Token ids are validated on
-        the host; an unknown key is an `InputError`."""
+        input of `paligemma.prefill` and of `training.grads.loss_and_grads`. Checked on the host
+        first: the keys (an unknown one is an `InputError`), the token ids, the pixels' shape and
+        one image's worth of <image> tokens per image."""
         unknown = sorted(set(batch) - set(self.BATCH_KEYS))
         if unknown:
             raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
                              f"{', '.join(self.BATCH_KEYS)}")
+        ids = np.asarray(to_host(batch["input_ids"]))
+        check_token_ids(ids, self.cfg)
+        check_images(ids, batch.get("pixel_values"), batch.get("image_tokens"), self.cfg)
         xp = self.xp
-        out = {"input_ids": self._ids(batch["input_ids"]),
-               "attention_mask": xp.asarray(batch["attention_mask"])}
+        out = {"input_ids": xp.asarray(ids), "attention_mask": xp.asarray(batch["attention_mask"])}
         for key in ("token_type_ids", "labels"):
             if batch.get(key) is not None:
                 out[key] = xp.asarray(batch[key])
@@ -92,6 +95,7 @@ class PaliGemma:
 
     def encode_images(self, pixel_values, trace=None):
         """float32[B, 3, R, R] -> image tokens [B, N, D] on the device."""
+        check_pixel_values(pixel_values, self.cfg)
         return paligemma.encode_images(self.xp.asarray(pixel_values, dtype=self.xp.float32),
                                        self.params, self.cfg, trace=trace)
 
@@ -145,6 +149,33 @@ def check_token_ids(input_ids, cfg):
     if bad.any():
         raise InputError(f"token ids must lie in [0, {cfg.text.vocab_size}) (or be the <image> id "
                          f"{cfg.image_token_index}); got min {int(input_ids.min())}, max {int(input_ids.max())}")
+
+
+def check_pixel_values(pixel_values, cfg):
+    """pixel_values must be [B, C, R, R] at the model's channels and image side (shapes only:
+    no device value is read)."""
+    v = cfg.vision
+    expected = (v.num_channels, v.image_size, v.image_size)
+    if len(pixel_values.shape) != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise InputError(f"pixel_values must be [B, {', '.join(map(str, expected))}], "
+                         f"got {list(pixel_values.shape)}")
+
+
+def check_images(input_ids, pixel_values, image_tokens, cfg):
+    """A batch's images against its prompts, on the host: each image brings N image features,
+    which the <image> tokens of the prompts must match in number. input_ids: a NumPy array."""
+    if pixel_values is not None:
+        check_pixel_values(pixel_values, cfg)
+        n_features = pixel_values.shape[0] * cfg.num_image_tokens
+    elif image_tokens is not None:
+        n_features = image_tokens.shape[0] * image_tokens.shape[1]
+    else:
+        return
+    n_image = int((input_ids == cfg.image_token_index).sum())
+    if n_image != n_features:
+        raise InputError(f"the prompt has {n_image} <image> tokens but there are {n_features} image "
+                         f"features ({cfg.num_image_tokens} per image); each row needs exactly one "
+                         "image's worth of <image> tokens")
 
 
 def check_model_dir(name):

@@ -119,3 +119,18 @@ def test_bad_token_ids_are_refused_on_the_host(model):
     ids[0, -1] = model.cfg.text.vocab_size + 5
     with pytest.raises(InputError, match="token ids must lie in"):
         model.prefill(ids, inputs["attention_mask"], inputs["pixel_values"])
+
+
+def test_images_that_do_not_fit_the_prompts_are_refused_on_the_host(model):
+    """Checked before anything moves to the device: the pixels' shape, and one image's worth of
+    <image> tokens per image (the math itself reads no device value to check them)."""
+    inputs = model.processor([_image(17)], ["caption en"])
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    with pytest.raises(InputError, match=r"pixel_values must be \[B, 3, "):
+        model.prefill(ids, mask, pixels[:, :, :-1])
+    with pytest.raises(InputError, match=r"pixel_values must be \[B, 3, "):
+        model.encode_images(pixels[0])
+    with pytest.raises(InputError, match="the prompt has .* <image> tokens but there are"):
+        model.prefill(ids, mask, np.concatenate([pixels, pixels]))
+    with pytest.raises(InputError, match="the prompt has .* <image> tokens but there are"):
+        model.prefill(ids[:, 1:], mask[:, 1:], pixels)

@@ -23,18 +23,18 @@ def test_prefill_attention_maps_are_distributions_over_allowed_keys(golden_name)
     B, T = ids.shape
     cfg = model.cfg
     for i in range(len(model.params["vision"]["layers"])):
-        p = trace[f"vision.attn.{i:02d}"]
-        assert p.shape == (B, cfg.vision.num_attention_heads, cfg.num_image_tokens, cfg.num_image_tokens)
-        np.testing.assert_allclose(p.sum(-1), 1, atol=1e-5)
+        probs = trace[f"vision.attn.{i:02d}"]
+        assert probs.shape == (B, cfg.vision.num_attention_heads, cfg.num_image_tokens, cfg.num_image_tokens)
+        np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
     real = mask.astype(bool)
     assert not real.all(), "the golden batch is expected to hold left padding"
     for i in range(len(model.params["text"]["layers"])):
-        p = trace[f"text.attn.{i:02d}"]
-        assert p.shape == (B, cfg.text.num_attention_heads, T, T)
-        rows = p.transpose(0, 2, 1, 3)[real]                         # [real queries, Hq, T]
+        probs = trace[f"text.attn.{i:02d}"]
+        assert probs.shape == (B, cfg.text.num_attention_heads, T, T)
+        rows = probs.transpose(0, 2, 1, 3)[real]                         # [real queries, Hq, T]
         np.testing.assert_allclose(rows.sum(-1), 1, atol=1e-5)
         for b in range(B):                                           # no weight on left padding
-            assert (p[b][:, real[b]][:, :, ~real[b]] < 1e-30).all()
+            assert (probs[b][:, real[b]][:, :, ~real[b]] < 1e-30).all()
 
 
 @pytest.mark.parametrize("golden_name", ["pg1_gqa_v5", "pg2_gqa_v5"])

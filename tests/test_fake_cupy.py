@@ -118,10 +118,12 @@ def test_optimizer_steps_equal_numpy(pair, make):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_finetune_command_on_the_cupy_backend(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train", ["attention", "lora"])
+def test_finetune_command_on_the_cupy_backend(tmp_path, monkeypatch, train):
+    """The command trains and exports on the device as on the host (LoRA: merged on export)."""
     fake_cupy.install(monkeypatch)
     data = make_data(tmp_path / "d", n=4)
-    common = ["--model", "demo", "--data", str(data), "--train", "attention", "--optimizer", "adamw",
+    common = ["--model", "demo", "--data", str(data), "--train", train, "--optimizer", "adamw",
               "--lr", "1e-3", "--steps", "2", "--batch-size", "2", "--save-dtype", "float32", "--quiet"]
     assert finetune.main([*common, "--out", str(tmp_path / "cpu")]) == 0
     assert finetune.main([*common, "--out", str(tmp_path / "gpu"), "--backend", "cupy"]) == 0

@@ -3,7 +3,7 @@
 A full-batch SGD step is exactly one gradient step; gradient accumulation equals the big batch;
 a resumed run ends where an uninterrupted one does; the output keeps the input's files, key
 names and dtypes; LoRA starts at the base model and is merged on export; transformers loads the
-output and gives npvlm's logits (live). Bad input: test_robustness.py's fine-tuning table."""
+output and gives npvlm's logits (live). Bad input: test_robustness_finetune.py."""
 
 import json
 import subprocess

@@ -8,7 +8,7 @@ test_gpt2.c compares its gradients with a PyTorch dump.
 - live: fresh random models built by transformers in this run (skipped without torch).
 
 The reference runs each example alone (positions from the mask, as npvlm derives them for a
-padded batch). Tolerance per tensor (npvlm.trace.compare_grad): atol 1e-5 x max|ref| (+ rtol
+padded batch). Tolerance per tensor (npvlm.parity.compare_grad): atol 1e-5 x max|ref| (+ rtol
 1e-4), or twice torch's own fp32-vs-fp64 error on that tensor where that is larger.
 """
 

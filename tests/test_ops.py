@@ -88,8 +88,8 @@ def test_grouped_attention_equals_repeated_kv(xp, Hq, Hk):
     mask = host(additive(xp.asarray(rng.random((B, 1, T, S)) > 0.3), np.float32))
     out = attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), xp.asarray(mask), cfg(0.5))
     kr, vr = np.repeat(k, Hq // Hk, axis=1), np.repeat(v, Hq // Hk, axis=1)  # HF repeat_kv order
-    p = softmax((q @ kr.swapaxes(-1, -2)) * 0.5 + mask)
-    ref = (p @ vr).transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
+    probs = softmax((q @ kr.swapaxes(-1, -2)) * 0.5 + mask)
+    ref = (probs @ vr).transpose(0, 2, 1, 3).reshape(B, T, Hq * E)
     np.testing.assert_allclose(host(out), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -98,8 +98,8 @@ def test_softcapped_attention_caps_before_the_mask(xp):
     k = rng.normal(size=(1, 2, 3, 4)).astype(np.float32) * 10
     mask = host(additive(xp.asarray(np.tril(np.ones((3, 3), bool))[None, None]), np.float32))
     out = attention(xp.asarray(q), xp.asarray(k), xp.asarray(k), xp.asarray(mask), cfg(0.5, 5.0))
-    p = softmax(5.0 * np.tanh(q @ k.swapaxes(-1, -2) * 0.5 / 5.0) + mask)
-    np.testing.assert_allclose(host(out), (p @ k).transpose(0, 2, 1, 3).reshape(1, 3, 8), rtol=1e-5, atol=1e-6)
+    probs = softmax(5.0 * np.tanh(q @ k.swapaxes(-1, -2) * 0.5 / 5.0) + mask)
+    np.testing.assert_allclose(host(out), (probs @ k).transpose(0, 2, 1, 3).reshape(1, 3, 8), rtol=1e-5, atol=1e-6)
 
 
 def test_prefix_lm_mask_matches_docstring_example(xp):

@@ -247,24 +247,20 @@ def test_decode_rejects_negative_ids(tok):
 
 # ---- errors ---------------------------------------------------------------------------------
 
-def _one_line_checkpoint_error(call, *fragments):
-    return one_line_error(CheckpointError, call, *fragments)
-
-
 def test_tokenizer_file_errors(tmp_path):
     n = sentencepiece_size()
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(tmp_path / "nope.model", n),
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(tmp_path / "nope.model", n),
                                "nope.model", "not found")
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(tmp_path, n), str(tmp_path))
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(tmp_path, n), str(tmp_path))
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"this is not a protobuf \x00\xff" * 10)
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(junk, n), "junk.model",
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(junk, n), "junk.model",
                                "not a SentencePiece model")
     empty = tmp_path / "empty.model"
     empty.write_bytes(b"")
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(empty, n), "empty.model",
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(empty, n), "empty.model",
                                "not a SentencePiece model")
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(MODEL, 257152), str(n), "257152")
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(MODEL, 257152), str(n), "257152")
 
 
 def test_tokenizer_without_loc_tokens_is_refused(tmp_path):
@@ -282,7 +278,7 @@ def test_tokenizer_without_loc_tokens_is_refused(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(model.getvalue())
     n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    _one_line_checkpoint_error(lambda: Tokenizer.from_file(path, n), "<loc0000>", "single piece")
+    one_line_error(CheckpointError, lambda: Tokenizer.from_file(path, n), "<loc0000>", "single piece")
 
 
 def test_processor_errors(ours, tmp_path, tok):
@@ -294,9 +290,9 @@ def test_processor_errors(ours, tmp_path, tok):
         ours(blank(), "<image><image>caption en")
     with pytest.raises(InputError):
         ours(blank(), 42)
-    msg = _one_line_checkpoint_error(lambda: Processor.from_model_dir(tmp_path, ours.cfg),
+    msg = one_line_error(CheckpointError, lambda: Processor.from_model_dir(tmp_path, ours.cfg),
                                      "tokenizer.model", "file not found")
     assert msg.startswith(str(tmp_path / "tokenizer.model"))
     (tmp_path / "tokenizer.model").write_bytes(MODEL.read_bytes())
     assert Processor.from_model_dir(tmp_path, ours.cfg).tokenizer.piece_size == tok.piece_size
-    _one_line_checkpoint_error(lambda: Processor(tok, tiny_cfg(tok.image_token_id, 7)), "eos", "7")
+    one_line_error(CheckpointError, lambda: Processor(tok, tiny_cfg(tok.image_token_id, 7)), "eos", "7")

@@ -8,7 +8,7 @@
 On the bench checkpoints of tools/bench.py (random weights, official hub layout, BF16): the
 same batch (B examples of 256 image tokens + <bos> + a 10-token prefix + "\\n" + a 20-token
 suffix + <eos>), the same trained parameters and the same thread count, each framework in its
-own process: npvlm's `training.loss_and_grads` against transformers' PaliGemma (eager, fp32,
+own process: npvlm's `training.grads.loss_and_grads` against transformers' PaliGemma (eager, fp32,
 `labels=` loss, `loss.backward()`, frozen parameters with requires_grad=False; PEFT's LoRA for
 the LoRA case: r = 8, alpha = 8 on q/k/v/o/gate/up/down, which also matches SigLIP's q/k/v). Both use the
 "token" reduction (HF's). Reports the median step time after one warm-up step and the peak RSS,

@@ -25,10 +25,11 @@ from .layers import (
     linear_backward,
     rms_norm,
     rms_norm_backward,
+    rows,
     softcap,
     softcap_backward,
 )
-from .record import is_trained, sub
+from .record import sub, trains
 from .rope import apply_rope, apply_rope_backward
 
 
@@ -47,13 +48,13 @@ def embed_tokens_backward(dy, saved, p, cfg):
     """The gradient of the embedding table: row ids[b, t] receives dy[b, t] * sqrt(D), summed
     over repeats (a scatter-add); none when frozen. Token ids have no gradient (dx is None).
     dy: [B, T, D] -> None, {"weight": [V, D]}"""
-    if not is_trained(saved):
+    if not trains(saved, "weight"):
         return None, {}
     ids = saved["ids"]
     xp = array_module(dy)
     d_table = xp.zeros(p["weight"].shape, dtype=dy.dtype)
     scale = xp.asarray(cfg.embed_scale, dtype=dy.dtype)
-    scatter_add(d_table, ids.reshape(-1), (dy * scale).reshape(-1, dy.shape[-1]))
+    scatter_add(d_table, ids.reshape(-1), rows(dy * scale))
     return None, {"weight": d_table}
 
 

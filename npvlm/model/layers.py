@@ -30,7 +30,7 @@ and the other exceptions.
 import math
 
 from ..backend import array_module
-from .record import is_trained, requested
+from .record import is_trained, trains
 
 
 def rows(a):
@@ -61,14 +61,12 @@ def linear_backward(dy, saved, weight, bias=None, *, need_dx=True):
     dy: [..., O] -> dx [..., I] (None if not need_dx), {"weight": [O, I], "bias": [O]}"""
     dx = (rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1]) if need_dx else None
     grads = {}
-    if saved is not None and "x" in saved:
-        only = saved.get("only", ("weight", "bias"))
-        if "weight" in only:
-            x = saved["x"]
-            grads.update(weight.grads(dy, x) if hasattr(weight, "grads")
-                         else {"weight": rows(dy).T @ rows(x)})        # [O, R] @ [R, I]
-        if bias is not None and "bias" in only:
-            grads["bias"] = rows(dy).sum(axis=0)
+    if trains(saved, "weight"):                   # the forward kept x
+        x = saved["x"]
+        grads.update(weight.grads(dy, x) if hasattr(weight, "grads")
+                     else {"weight": rows(dy).T @ rows(x)})            # [O, R] @ [R, I]
+    if bias is not None and trains(saved, "bias"):
+        grads["bias"] = rows(dy).sum(axis=0)
     return dx, grads
 
 
@@ -95,9 +93,11 @@ def layer_norm_backward(dy, saved, weight, bias):
     dn = dy * weight
     dx = s * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
     grads = {}
-    if is_trained(saved):
-        grads = {"weight": rows(dy * n).sum(axis=0), "bias": rows(dy).sum(axis=0)}
-    return dx, requested(grads, saved)
+    if trains(saved, "weight"):
+        grads["weight"] = rows(dy * n).sum(axis=0)
+    if trains(saved, "bias"):
+        grads["bias"] = rows(dy).sum(axis=0)
+    return dx, grads
 
 
 def rms_norm(x, weight, eps, *, save=None):
@@ -121,7 +121,7 @@ def rms_norm_backward(dy, saved, weight):
     x, r = saved["x"], saved["inv_rms"]
     g = dy * (1.0 + weight.astype(x.dtype, copy=False))
     dx = r * g - x * (r * r * r) * (g * x).mean(axis=-1, keepdims=True)
-    grads = {"weight": rows(dy * x * r).sum(axis=0)} if is_trained(saved) else {}
+    grads = {"weight": rows(dy * x * r).sum(axis=0)} if trains(saved, "weight") else {}
     return dx.astype(dy.dtype, copy=False), grads
 
 

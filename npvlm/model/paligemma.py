@@ -24,13 +24,12 @@ calls, in the order it calls them).
 """
 
 from ..backend import array_module, to_host
-from ..errors import InputError
 from .gemma import LAYER_BACKWARDS, LAYERS, embed_tokens, embed_tokens_backward, key_values, lm_head, lm_head_backward
 from .kv_cache import KVCache, LayerKV
-from .layers import linear, linear_backward, rms_norm, rms_norm_backward
+from .layers import linear, linear_backward, rms_norm, rms_norm_backward, rows
 from .loss import cross_entropy, cross_entropy_backward, loss_positions, token_weights
 from .masks import decode_step_masks, prefill_masks
-from .record import attention_probs, is_trained, layer_saves, record, sub
+from .record import attention_probs, layer_saves, record, sub, trains
 from .rope import prompt_positions, rope_tables
 from .siglip import vision_tower, vision_tower_backward
 
@@ -42,12 +41,7 @@ def encode_images(pixel_values, params, cfg, *, trace=None, save=None):
     The projector output is used as is: HF v4's divide-by-sqrt(D) is undone by its later
     multiply (docs/spec.md §6), so image tokens are effectively unscaled, as in HF 5.x and
     big_vision."""
-    v = cfg.vision
-    expected = (v.num_channels, v.image_size, v.image_size)
-    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-        raise InputError(f"pixel_values must be [B, {', '.join(map(str, expected))}], "
-                         f"got {list(pixel_values.shape)}")
-    features = vision_tower(pixel_values, params["vision"], v, trace=trace, save=sub(save, "vision"))
+    features = vision_tower(pixel_values, params["vision"], cfg.vision, trace=trace, save=sub(save, "vision"))
     image_tokens = linear(features, **params["projector"], save=sub(save, "projector"))
     record(trace, "projector", image_tokens)
     return image_tokens
@@ -73,13 +67,7 @@ def merge_embeddings(input_ids, image_tokens, p, cfg, *, save=None):
     h = embed_tokens(ids, p, cfg.text, save=save)
     if image_tokens is None:
         return h
-    n_image = int(is_image.sum())
-    n_features = image_tokens.shape[0] * image_tokens.shape[1]
-    if n_image != n_features:
-        raise InputError(f"the prompt has {n_image} <image> tokens but there are {n_features} image "
-                         f"features ({cfg.num_image_tokens} per image); each row needs exactly one "
-                         "image's worth of <image> tokens")
-    h[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).astype(h.dtype, copy=False)
+    h[is_image] = rows(image_tokens).astype(h.dtype, copy=False)   # N per image: checked by the API
     if save is not None:
         save.update(is_image=is_image, image_shape=image_tokens.shape)
     return h
@@ -282,7 +270,7 @@ def merge_embeddings_backward(dy, saved, p, cfg):
     dy: [B, T, D] -> d_image_tokens [B, N, D], {"weight": [V, D]} or {}"""
     is_image = saved["is_image"]
     d_image = dy[is_image].reshape(saved["image_shape"])
-    if not is_trained(saved):
+    if not trains(saved, "weight"):
         return d_image, {}
     text_only = array_module(dy).where(is_image[..., None], 0, dy)      # image rows are not lookups
     _, grads = embed_tokens_backward(text_only, saved, p, cfg.text)

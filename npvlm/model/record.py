@@ -26,11 +26,12 @@ of entry:
                  "probs", "capped"; geglu "up"; merge_embeddings "ids", "is_image",
                  "image_shape"; lm_head "capped"; cross_entropy "probs", "targets", "weights";
                  forward_loss "inputs"
-    sub-dicts    one per sub-module: its parameter name ("self_attn", "mlp", "q_proj", ...),
-                 or "attn" (attention's probabilities), "gelu", "layers"
+    sub-dicts    one per sub-module: its parameter name ("self_attn", "mlp", "q_proj", "norm",
+                 "embed_tokens", ...), or "attn" (attention's own), "gelu", "layers" (one per
+                 stacked layer), "lm_head" (the tied embedding as the output layer), "loss"
 
-Read them through the helpers below: `is_trained(saved)`, `requested(grads, saved)`,
-`attention_probs(layer_saved)`.
+Read them through the helpers below: `is_trained(saved)` (the module is not frozen),
+`trains(saved, name)` (its parameter `name` gets a gradient), `attention_probs(layer_saved)`.
 
 trace: named stage outputs, as host (NumPy) copies
 ---------------------------------------------------
@@ -63,11 +64,11 @@ def is_trained(saved):
     return saved is not None and not saved.get("frozen")
 
 
-def requested(grads, saved):
-    """The parameter gradients the plan asks for: all of `grads`, or those named in
-    {"only": names} (a module trained in part, e.g. a weight without its bias)."""
-    only = saved.get("only") if saved is not None else None
-    return grads if only is None else {k: v for k, v in grads.items() if k in only}
+def trains(saved, name):
+    """Whether the module's parameter `name` ("weight", "bias") gets a gradient: the module is
+    trained, and its plan does not name only other parameters ({"only": names}: a module trained
+    in part, e.g. a weight without its bias)."""
+    return is_trained(saved) and name in saved.get("only", (name,))
 
 
 def layer_saves(save, trace, n):

@@ -11,7 +11,7 @@ Follows HF `modeling_siglip.py`; no CLS token, no pooling head (PaliGemma uses e
 
 from .attention import attention, attention_backward, projections_backward, split_heads
 from .layers import gelu_tanh, gelu_tanh_backward, layer_norm, layer_norm_backward, linear, linear_backward
-from .record import attention_probs, is_trained, layer_saves, record, sub
+from .record import attention_probs, layer_saves, record, sub, trains
 
 
 def patchify(pixels, patch_size):
@@ -48,7 +48,7 @@ def patch_embed_backward(dy, saved, p, cfg, *, need_dx=False):
     dy: [B, N, D] -> d_pixels [B, C, R, R] (None without need_dx), grads"""
     d_patches, g = linear_backward(dy, saved["patch_embedding"], **p["patch_embedding"], need_dx=need_dx)
     grads = {"patch_embedding": g} if g else {}
-    if is_trained(saved["position_embedding"]):
+    if trains(saved["position_embedding"], "weight"):
         grads["position_embedding"] = {"weight": dy.sum(axis=0)}
     d_pixels = None if d_patches is None else unpatchify(d_patches, cfg.num_channels, cfg.patch_size)
     return d_pixels, grads

@@ -41,8 +41,9 @@ def _stored(dtype):
 
 
 def _host_f32(w):
+    """A weight as a host fp32 array (a BF16Matrix widened, a LoraWeight merged, on either backend)."""
     if hasattr(w, "to_f32"):                       # a BF16Matrix, a LoraWeight
-        return w.to_f32()
+        w = w.to_f32()
     return np.asarray(to_host(w), dtype=np.float32)
 
 

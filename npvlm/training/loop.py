@@ -55,7 +55,7 @@ class TrainConfig:
     eps: float = 1e-8
     clip_norm: float = 0.0            # global gradient-norm clipping; 0 = off
     loss_reduction: str = "example"   # "example" or "token" (npvlm/model/loss.py)
-    seed: int = 0                     # the shuffle (and the LoRA initialisation)
+    seed: int = 0                     # the shuffle (the command seeds the LoRA initialisation with it too)
     shuffle: bool = False             # a seeded shuffle of the examples each epoch
     eval_every: int = 50              # validation every N steps (and at the end)
     demo_scores: int = 0              # also score the demo world's tasks on this many scenes

@@ -7,7 +7,7 @@ A starts random (PEFT's default: kaiming-uniform, U(-1/sqrt(I), 1/sqrt(I))) and 
 step 0 is exactly the base model. Target modules are named as PEFT names them: every linear
 layer whose last name is in the list (with transformers' PaliGemma recipe, `q_proj`, `k_proj`,
 `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`: the decoder's, and SigLIP's q/k/v).
-On export the update is merged into W (`merged`).
+On export the update is merged into W (`LoraWeight.to_f32`, which the checkpoint writer calls).
 
 A `LoraWeight` stands where the weight matrix stood and behaves like one in `x @ W.T` and
 `dy @ W` (as a BF16Matrix does, npvlm/loading/bf16.py, whose `Transposed` it shares), so the
@@ -87,7 +87,3 @@ def add_lora(params, rank=8, alpha=8, targets=PEFT_RECIPE, seed=0):
         return LoraWeight(W, A, xp.zeros((O, rank), np.float32), alpha / rank)
     return map_with_path(wrap, params), [name.removesuffix(".weight") for name in names]
 
-
-def merge(params):
-    """The parameter tree with every LoraWeight replaced by its merged fp32 matrix."""
-    return map_with_path(lambda _, w: w.to_f32() if isinstance(w, LoraWeight) else w, params)
