@@ -30,7 +30,7 @@ from .tasks.draw import draw_objects
 from .tasks.segmentation import load_vae, object_masks
 
 
-def parse_args(argv):
+def build_parser():
     parser = ArgumentParser(prog="npvlm", description="PaliGemma in NumPy: answer PROMPT about IMAGE.")
     parser.add_argument("image", nargs="?", help="image file (anything Pillow opens); default: a bundled "
                    "sample scene")
@@ -66,7 +66,11 @@ def parse_args(argv):
     parser.add_argument("--allow-huge-image", action="store_true",
                    help="decode images above Pillow's decompression-bomb limit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def check_prompt_text(prompt):
@@ -150,6 +154,8 @@ def run(args):
     result = model.generate(image, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop=args.stop, stream=write_stdout if args.stream else None)
+    if args.stream:
+        write_stdout("\n")          # end the streamed answer before anything else is printed
     t = result.timings
     print(f"image encode {t['image_encode_s']:.3f} s, prefill {t['prefill_s']:.3f} s "
           f"({t['prefill_tokens']} tokens), decode {len(result.tokens)} tokens"
@@ -176,8 +182,8 @@ def run(args):
                                  "objects": objects_json(found, masks),
                                  "malformed": [{"text": bad.text, "reason": bad.reason}
                                                for bad in found.problems]}) + "\n")
-    else:
-        write_stdout("\n" if args.stream else result.text + "\n")
+    elif not args.stream:
+        write_stdout(result.text + "\n")
     return 0
 
 

@@ -8,8 +8,10 @@ the examples and batches (npvlm/training/data.py), the loop, state and --resume
 (npvlm/training/loop.py), the gradients (npvlm/training/grads.py), LoRA
 (npvlm/training/lora.py) and the export (npvlm/saving/checkpoint.py). The training state is
 saved in --work (default OUT.work) every --save-every steps; --resume continues from it and
-ends where an uninterrupted run ends. The model is written to --out only at the end,
-atomically; every bad input is one `error:` line naming the JSONL line or the step.
+ends where an uninterrupted run ends, --restart discards it, and without either a saved state
+is refused, never overwritten. The model is written to --out only at the end, atomically, and
+the state is then removed; every bad input is one `error:` line naming the JSONL line or the
+step.
 """
 
 import json
@@ -27,7 +29,7 @@ from .saving.atomic import write_text_atomic
 from .saving.checkpoint import SAVE_DTYPES, check_output, save_checkpoint
 from .training.data import check_lengths, read_jsonl
 from .training.grads import TRAIN_SETS, trained_arrays, with_fp32_masters
-from .training.loop import OPTIMIZERS, TrainConfig, train
+from .training.loop import OPTIMIZERS, TrainConfig, discard_state, state_meta, train
 from .training.lora import PEFT_RECIPE, add_lora
 from .training.optim import SCHEDULES
 
@@ -38,7 +40,7 @@ STATE_OPTIONS = ("model", "data", "train", "optimizer", "lr", "steps", "epochs",
 DEFAULTS = TrainConfig()
 
 
-def parse_args(argv):
+def build_parser():
     d = DEFAULTS
     parser = ArgumentParser(prog="python -m npvlm.finetune",
                             description="Fine-tune PaliGemma on a JSONL file of (image, prefix, suffix) examples.")
@@ -50,26 +52,27 @@ def parse_args(argv):
     add("--train", choices=TRAIN_SETS, default=d.train,
         help="what is trained: all, decoder (all but the vision tower and projector), attention "
              "(the decoder's q/k/v/o projections), lora (adapters on --lora-targets)")
-    add("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    add("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="SGD or AdamW, with torch's semantics")
     add("--lr", type=float, default=d.lr, help="peak learning rate")
     add("--steps", type=int, default=d.steps, help="optimizer steps (0: use --epochs)")
     add("--epochs", type=int, default=d.epochs, help="passes over the data when --steps is 0")
-    add("--batch-size", type=int, default=d.batch_size)
+    add("--batch-size", type=int, default=d.batch_size, help="examples per batch")
     add("--grad-accum", type=int, default=d.grad_accum, help="batches per optimizer step")
-    add("--schedule", choices=SCHEDULES, default=d.schedule)
+    add("--schedule", choices=SCHEDULES, default=d.schedule, help="the learning rate after the warm-up")
     add("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up (default: 10%% of the steps)")
-    add("--weight-decay", type=float, default=d.weight_decay)
+    add("--weight-decay", type=float, default=d.weight_decay, help="SGD: L2 on the gradient; AdamW: decoupled")
     add("--momentum", type=float, default=d.momentum, help="SGD momentum")
     add("--beta1", type=float, default=d.beta1, help="AdamW")
     add("--beta2", type=float, default=d.beta2, help="AdamW")
     add("--eps", type=float, default=d.eps, help="AdamW")
     add("--clip-norm", type=float, default=d.clip_norm, help="global gradient-norm clipping; 0 = off")
-    add("--loss-reduction", choices=REDUCTIONS, default=d.loss_reduction)
+    add("--loss-reduction", choices=REDUCTIONS, default=d.loss_reduction,
+        help="example: each example's mean, then the batch's; token: the mean over every suffix token")
     add("--max-len", type=int, default=128, help="most text tokens of an example (image tokens aside)")
     add("--seed", type=int, default=d.seed, help="LoRA init and --shuffle")
     add("--shuffle", action="store_true", help="a seeded shuffle of the examples each epoch")
-    add("--lora-rank", type=int, default=8)
-    add("--lora-alpha", type=float, default=8.0)
+    add("--lora-rank", type=int, default=8, help="rank r of the LoRA adapters")
+    add("--lora-alpha", type=float, default=8.0, help="LoRA scale alpha (the update is alpha / r B A)")
     add("--lora-targets", default=",".join(PEFT_RECIPE), help="module names, as PEFT names them")
     add("--weights", choices=("fp32", "bf16"), default="fp32",
         help="bf16: frozen weights kept in bfloat16 (trained ones fp32); numpy only")
@@ -80,10 +83,15 @@ def parse_args(argv):
     add("--save-every", type=int, default=d.save_every, help="training state every N steps; 0 = never")
     add("--work", metavar="DIR", help="where the training state goes (default: OUT.work)")
     add("--resume", action="store_true", help="continue from the state in --work")
-    add("--backend", choices=("numpy", "cupy"), default="numpy")
+    add("--restart", action="store_true", help="discard a state saved in --work and start over")
+    add("--backend", choices=("numpy", "cupy"), default="numpy", help="array library: numpy (CPU) or cupy (a GPU)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -99,6 +107,18 @@ def check_args(args):
         raise InputError(f"--clip-norm must be >= 0 (0 = off), got {args.clip_norm}")
 
 
+def check_saved_state(work, args):
+    """Before any work: a state saved in --work is continued (--resume) or discarded (--restart),
+    never silently overwritten; a damaged one is named."""
+    if args.resume and args.restart:
+        raise InputError("--resume and --restart cannot be combined: --resume continues the state "
+                         "saved in --work, --restart discards it")
+    meta = state_meta(work)
+    if meta is not None and not (args.resume or args.restart):
+        raise InputError(f"{work}: holds the saved state of a run at step {meta['step']}; continue it "
+                         "with --resume, or discard it and start over with --restart")
+
+
 def train_config(args):
     """The loop's settings from the command's options of the same names."""
     return TrainConfig(**{name: getattr(args, name) for name in TrainConfig.__dataclass_fields__})
@@ -111,6 +131,7 @@ def run(args, on_step=None):
     out = Path(args.out)
     check_output(out, source)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    check_saved_state(work, args)
     examples = read_jsonl(args.data)
     val = read_jsonl(args.val) if args.val else []
     print(f"loading {args.model}", file=sys.stderr)
@@ -128,6 +149,8 @@ def run(args, on_step=None):
           f"{args.batch_size * args.grad_accum}, training {args.train} ({trained:,} parameters), "
           f"{args.optimizer} lr {args.lr}", file=sys.stderr)
     options = {k: str(getattr(args, k)) for k in STATE_OPTIONS}
+    if args.restart:
+        discard_state(work)
     log, finished = train(model, params, examples, val, config, work, resume=args.resume, options=options,
                           on_step=on_step, quiet=args.quiet)
     if not finished:
@@ -136,7 +159,8 @@ def run(args, on_step=None):
     save_checkpoint(params, source, out, args.save_dtype)
     write_text_atomic(out / "npvlm_finetune.json", json.dumps({"options": vars(args), "log": log}, indent=1,
                                                                default=str) + "\n")
-    print(f"wrote {out} (final loss {log[-1]['loss']:.4f})", file=sys.stderr)
+    state = f"; removed its training state from {work}" if discard_state(work) else ""
+    print(f"wrote {out} (final loss {log[-1]['loss']:.4f}){state}", file=sys.stderr)
     return 0
 
 

@@ -172,6 +172,18 @@ def test_answer_cut_at_max_new_tokens_is_noted(model_dir, image):
     assert "note: the answer was cut at --max-new-tokens 3 before the model ended it" in done.stderr
 
 
+def test_a_streamed_answer_ends_its_line_before_the_timing_line():
+    """On a terminal stdout and stderr share one screen: the answer's newline comes before the
+    timing line, not after it (one pipe for both shows the order they were written in)."""
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--stream"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout
+    lines = r.stdout.splitlines()
+    timing = next(i for i, line in enumerate(lines) if "image encode" in line)
+    assert lines[timing].startswith("image encode"), lines[timing]
+    assert lines[timing - 1] == "a red circle, a blue square and a green triangle", lines
+
+
 def test_stream_with_json_is_refused(model_dir, image):
     r = run(image, "caption en", "--model", model_dir, "--stream", "--json")
     assert_one_line_error(r, "--stream and --json cannot be combined", code=1)

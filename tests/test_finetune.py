@@ -75,16 +75,47 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
     interrupted = finetune.parse_args([*map(str, common), "--out", str(tmp_path / "resumed"), "--quiet"])
     assert finetune.run(interrupted, on_step=lambda entry: entry["step"] == 2) == 0      # stops after step 2
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.work" / "state.npz").is_file()
+    # resuming with other options is refused
+    with pytest.raises(InputError, match="the saved run used other options"):
+        finetune.run(finetune.parse_args([*map(str, common), "--out", str(tmp_path / "x"), "--resume",
+                                          "--work", str(tmp_path / "resumed.work"), "--lr", "0.5", "--quiet"]))
     run(*common, "--out", tmp_path / "resumed", "--resume")
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     log = json.loads((tmp_path / "resumed" / "npvlm_finetune.json").read_text())["log"]
     assert [e["step"] for e in log] == [1, 2, 3, 4]
-    # resuming with other options is refused
-    with pytest.raises(InputError, match="the saved run used other options"):
-        finetune.run(finetune.parse_args([*map(str, common), "--out", str(tmp_path / "x"), "--resume",
-                                          "--work", str(tmp_path / "resumed.work"), "--lr", "0.5", "--quiet"]))
+    assert not (tmp_path / "resumed.work").exists(), "the training state stays after a finished run"
+
+
+def test_a_saved_state_is_never_silently_overwritten(tmp_path, capfd):
+    """Rerunning without --resume is refused while a state is saved (both ways out named, the
+    state untouched); --restart discards it and starts from step 0."""
+    data = make_data(tmp_path / "d", n=4)
+    common = ["--model", "demo", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "3",
+              "--batch-size", "2", "--quiet"]
+    assert finetune.run(finetune.parse_args(common), on_step=lambda entry: entry["step"] == 2) == 0
+    state = tmp_path / "o.work" / "state.npz"
+    before = state.read_bytes()
+    capfd.readouterr()
+    assert finetune.main(common) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "step 2" in err and "--resume" in err and "--restart" in err, err
+    assert state.read_bytes() == before and not (tmp_path / "o").exists()
+    assert finetune.main([*common, "--restart"]) == 0
+    log = json.loads((tmp_path / "o" / "npvlm_finetune.json").read_text())["log"]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert not (tmp_path / "o.work").exists()
+
+
+def test_a_finished_run_removes_its_training_state_and_says_so(tmp_path, capfd):
+    data = make_data(tmp_path / "d", n=4)
+    assert run("--model", "demo", "--data", data, "--out", tmp_path / "o", "--steps", 3, "--batch-size", 2,
+               "--save-every", 1) == 0
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {tmp_path / 'o'} (final loss") and \
+        last.endswith(f"removed its training state from {tmp_path / 'o.work'}"), last
+    assert not (tmp_path / "o.work").exists()
 
 
 @pytest.mark.parametrize("golden", ["pg1_mqa_hub", "pg1_gqa_v5"])
@@ -165,3 +196,17 @@ def test_the_command_runs_as_a_module(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "config.json").is_file() and "fine-tuning" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["npvlm.finetune", "npvlm.cli"])
+def test_help_shows_every_default(command):
+    """Every option that has a default shows it in --help (argparse shows none for an option
+    without help text)."""
+    import importlib
+    parser = importlib.import_module(command).build_parser()
+    helped = parser.format_help()
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.default not in (None, False, "==SUPPRESS==") and not a.required
+               and not (a.help and "%(default)" in parser._get_formatter()._get_help_string(a))]
+    assert not missing, f"--help shows no default for {missing}"
+    assert "(default: " in helped

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from npvlm import finetune
+
 from robustness import FinetuneCase, run_finetune_cli
 
 
@@ -42,6 +44,23 @@ def _ft_text_image(tmp, base):
 
 def _ft_out_is_input(tmp, base):
     return ["--model", str(base.model), "--data", str(_ft_data(tmp, [_example()])), "--out", str(base.model)]
+
+
+def _saved_state(damage=None, *extra):
+    """A run stopped after step 1 with its state saved in OUT.work, then damage(work) done to it;
+    the argv runs the same command again with `extra`."""
+    def build(tmp, base):
+        argv = _ft_argv(tmp, base, _ft_data(tmp, [_example()]))
+        assert finetune.run(finetune.parse_args([*argv, "--quiet"]), on_step=lambda entry: True) == 0
+        if damage is not None:
+            damage(tmp / "out.work")
+        return [*argv, *extra]
+    return build
+
+
+def _truncate_npz(work):
+    data = (work / "state.npz").read_bytes()
+    (work / "state.npz").write_bytes(data[:len(data) // 2])
 
 
 def _ft_out_not_empty(tmp, base):
@@ -81,6 +100,24 @@ FINETUNE_CASES = [
                  (1, "already exists and is not an empty folder"), "choose a new output folder"),
     FinetuneCase("ft-resume-nothing", "--resume with no saved state", _ft([_example()], "--resume"),
                  (1, "no saved training state to resume"), "drop --resume, or point --work at the state"),
+    FinetuneCase("ft-state-exists", "the same command again while OUT.work holds a saved state (no --resume)",
+                 _saved_state(), (1, "holds the saved state of a run at step 1; continue it with --resume, or "
+                                     "discard it and start over with --restart"),
+                 "--resume to continue it, --restart to discard it"),
+    FinetuneCase("ft-resume-and-restart", "--resume with --restart", _ft([_example()], "--resume", "--restart"),
+                 (1, "--resume and --restart cannot be combined"), "choose one"),
+    FinetuneCase("ft-state-truncated", "--resume from a truncated state.npz (a crash or a full disk)",
+                 _saved_state(_truncate_npz, "--resume"),
+                 (1, "state.npz: the saved training state is damaged or incomplete"), "start over with --restart"),
+    FinetuneCase("ft-state-json-garbled", "--resume from a state.json that is not JSON",
+                 _saved_state(lambda work: (work / "state.json").write_text("{step: 1"), "--resume"),
+                 (1, "state.json: the saved training state is damaged (JSONDecodeError)"), "start over with --restart"),
+    FinetuneCase("ft-state-npz-missing", "--resume with state.npz deleted",
+                 _saved_state(lambda work: (work / "state.npz").unlink(), "--resume"),
+                 (1, "state.npz: the saved training state is missing"), "start over with --restart"),
+    FinetuneCase("ft-state-json-missing", "--resume with state.json deleted (state.npz left)",
+                 _saved_state(lambda work: (work / "state.json").unlink(), "--resume"),
+                 (1, "the saved training state is incomplete"), "start over with --restart"),
 ]
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,24 +127,65 @@ def save_state(work, step, trained, optimizer, log, options):
     write_text_atomic(work / "state.json", json.dumps({"step": step, "options": options, "log": log}, indent=1))
 
 
+STATE_FILES = ("state.json", "state.npz")
+RESTART = "start over with --restart (it discards the saved state)"
+
+
+def state_meta(work):
+    """The saved state's step, options and log (state.json), or None when `work` holds no state.
+    A state that cannot be read is one InputError naming the file and what to do."""
+    path = work / "state.json"
+    if not path.is_file():
+        if (work / "state.npz").is_file():
+            raise InputError(f"{path}: missing beside {work / 'state.npz'}: the saved training state is "
+                             f"incomplete; {RESTART}")
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = {"step": int(meta["step"]), "options": dict(meta["options"]), "log": list(meta["log"])}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: the saved training state is damaged ({type(e).__name__}); {RESTART}") from None
+    return meta
+
+
 def load_state(work, trained, optimizer, options, xp):
     """Restore a saved state into the trained arrays and the optimizer; -> (step, log). A state
-    saved with other `options` is refused, naming them as the command's flags."""
-    if not (work / "state.json").is_file():
+    saved with other `options` is refused, naming them as the command's flags; a damaged or
+    incomplete one is one InputError naming the file."""
+    meta = state_meta(work)
+    if meta is None:
         raise InputError(f"{work}: no saved training state to resume (state.json missing)")
-    meta = json.loads((work / "state.json").read_text())
     changed = [k for k in options if meta["options"].get(k) != options[k]]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise InputError(f"{work}: the saved run used other options ({flags}); resume with the same "
                          "options or start a new --work")
-    with np.load(work / "state.npz") as data:
+    path = work / "state.npz"
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
         for k, v in trained.items():
-            v[...] = xp.asarray(data[f"param.{k}"])
-        state = {k[len("opt."):]: xp.asarray(data[k]) for k in data.files if k.startswith("opt.")}
-    state["step"] = int(state["step"])
+            v[...] = xp.asarray(arrays[f"param.{k}"])
+        state = {k[len("opt."):]: xp.asarray(v) for k, v in arrays.items() if k.startswith("opt.")}
+        state["step"] = int(state["step"])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        why = "missing" if not path.is_file() else f"damaged or incomplete ({type(e).__name__})"
+        raise InputError(f"{path}: the saved training state is {why}; {RESTART}") from None
     optimizer.load_state_dict(state)
     return meta["step"], meta["log"]
+
+
+def discard_state(work):
+    """Remove the state files from `work` (and the folder, if nothing else is in it); -> whether
+    there was a state."""
+    found = False
+    for name in STATE_FILES:
+        if (work / name).is_file():
+            (work / name).unlink()
+            found = True
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+    return found
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -164,30 +206,32 @@ def train(model, params, examples, val, config, work, *, resume=False, options=N
     start, log = load_state(work, trained, optimizer, options, model.xp) if resume else (0, [])
     bar = tqdm(total=steps, initial=start, desc="fine-tuning", unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=quiet)
-    for step in range(start, steps):
-        lr = lr_at(step, steps, config.lr, config.schedule, warmup)
-        t0 = time.perf_counter()
-        micro = step_batches(step, len(examples), config.batch_size, config.grad_accum, config.seed, config.shuffle)
-        loss, grads, tokens = accumulate_grads(model, params, examples, micro, config, step)
-        norm = clip_grad_norm(grads, config.clip_norm)
-        optimizer.step(trained, grads, lr)
-        synchronize(model.xp)
-        seconds = time.perf_counter() - t0
-        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens / seconds}
-        if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-            if val:
-                entry["val_loss"] = validation_loss(model, params, val, config)
-            if config.demo_scores:
-                entry["demo_scores"] = demo_scores(model, config.demo_scores)
-        log.append(entry)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                        **({"val": f"{entry['val_loss']:.4f}"} if "val_loss" in entry else {}))
-        bar.update(1)
-        stop = on_step is not None and bool(on_step(entry)) and step + 1 < steps
-        if stop or (config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps):
-            save_state(work, step + 1, trained, optimizer, log, options)
-        if stop:
-            bar.close()
-            return log, False
-    bar.close()
+    try:                              # the bar ends its line however the loop ends (Ctrl-C too)
+        for step in range(start, steps):
+            lr = lr_at(step, steps, config.lr, config.schedule, warmup)
+            t0 = time.perf_counter()
+            micro = step_batches(step, len(examples), config.batch_size, config.grad_accum, config.seed,
+                                 config.shuffle)
+            loss, grads, tokens = accumulate_grads(model, params, examples, micro, config, step)
+            norm = clip_grad_norm(grads, config.clip_norm)
+            optimizer.step(trained, grads, lr)
+            synchronize(model.xp)
+            entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if (step + 1) % config.eval_every == 0 or step + 1 == steps:
+                if val:
+                    entry["val_loss"] = validation_loss(model, params, val, config)
+                if config.demo_scores:
+                    entry["demo_scores"] = demo_scores(model, config.demo_scores)
+            log.append(entry)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                            **({"val": f"{entry['val_loss']:.4f}"} if "val_loss" in entry else {}))
+            bar.update(1)
+            stop = on_step is not None and bool(on_step(entry)) and step + 1 < steps
+            if stop or (config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps):
+                save_state(work, step + 1, trained, optimizer, log, options)
+            if stop:
+                return log, False
+    finally:
+        bar.close()
     return log, True
