@@ -16,6 +16,8 @@ PIL images, 16-bit gray is scaled rather than clipped, and float arrays are roun
 """
 
 import contextlib
+import io
+import re
 import warnings
 from pathlib import Path
 
@@ -30,6 +32,12 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # ---- opening files ---------------------------------------------------------------------------
+
+def is_url(src):
+    """Whether an image argument is an http(s) URL, fetched by npvlm/inputs/web.py (any other
+    "scheme://" is refused; everything else is a file path)."""
+    return isinstance(src, str) and src.lower().startswith(("http://", "https://"))
+
 
 @contextlib.contextmanager
 def _pixel_limit(allow_huge):
@@ -64,24 +72,40 @@ def _open_file(path, allow_huge):
         raise InputError(f"{path}: cannot read ({_reason(e)})") from None
     if size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not an image")
+    return _decode(path, path, allow_huge, "not an image file Pillow can read")
+
+
+def _open_url(url, allow_huge):
+    """Fetch an http(s) URL (npvlm/inputs/web.py) and decode it as `_open_file` decodes a file."""
+    from .web import fetch  # noqa: PLC0415 (urllib is imported only when a URL is given)
+    body, content_type = fetch(url)
+    if not body:
+        raise InputError(f"{url}: the server sent an empty body ({content_type}), not an image")
+    return _decode(io.BytesIO(body), url, allow_huge,
+                   f"not an image (the server sent {content_type}, {len(body)} bytes); give the URL "
+                   "of the image file itself")
+
+
+def _decode(source, label, allow_huge, not_an_image):
+    """Open and fully decode `source` (a path or a file object; `label` names it in messages)."""
     limit = Image.MAX_IMAGE_PIXELS
     with _pixel_limit(allow_huge), warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # we decide below
         try:
-            img = Image.open(path)
+            img = Image.open(source)
         except UnidentifiedImageError:
-            raise InputError(f"{path}: not an image file Pillow can read") from None
+            raise InputError(f"{label}: {not_an_image}") from None
         except Image.DecompressionBombError:     # Pillow refuses > 2x the limit at open
-            raise _too_big(path, _header_size(path), limit) from None
+            raise _too_big(label, _header_size(source), limit) from None
         except OSError as e:
-            raise InputError(f"{path}: cannot open ({_reason(e)})") from None
+            raise InputError(f"{label}: cannot open ({_reason(e)})") from None
     with img:
         if not allow_huge and limit is not None and img.width * img.height > limit:
-            raise _too_big(path, img.size, limit)
+            raise _too_big(label, img.size, limit)
         try:
             img.load()   # decode everything now, so a truncated or corrupt file fails here
         except (OSError, SyntaxError, ValueError, EOFError) as e:   # Pillow's decoder errors
-            raise InputError(f"{path}: truncated or corrupt image ({_reason(e)})") from None
+            raise InputError(f"{label}: truncated or corrupt image ({_reason(e)})") from None
         return _exif_upright(img)   # a new image (Pillow copies), so the file can be closed
 
 
@@ -93,10 +117,12 @@ def _exif_upright(img):
         return img.copy()
 
 
-def _header_size(path):
+def _header_size(source):
     """(width, height) from the header alone, the bomb check lifted (Image.open decodes nothing)."""
     try:
-        with _pixel_limit(True), Image.open(path) as img:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with _pixel_limit(True), Image.open(source) as img:
             return img.size
     except Exception:  # noqa: BLE001  only for the message
         return None
@@ -180,7 +206,8 @@ def to_rgb(img):
 
 
 def load_image(src, *, allow_huge=False):
-    """A path (str/Path), PIL image or NumPy array -> RGB PIL image, EXIF orientation applied.
+    """A path (str/Path), an http(s) URL, a PIL image or a NumPy array -> RGB PIL image, EXIF
+    orientation applied.
 
     - EXIF orientation is applied to files and PIL images (`ImageOps.exif_transpose`), so a
       photo taken sideways is seen upright. HF applies it only when *it* opens the file (a path
@@ -189,10 +216,17 @@ def load_image(src, *, allow_huge=False):
     - Alpha, palettes, CMYK, 16-bit: see `to_rgb`. Arrays: see `_from_array`.
     - Files over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, ~89.5 M
       pixels) are refused with the pixel count, unless `allow_huge=True`.
+    - URLs are fetched with a time limit and a size cap (npvlm/inputs/web.py), then decoded as
+      a file is.
     Every failure (missing file, a directory, not an image, truncated, empty, too big, a bad
-    array) raises a one-line InputError.
+    array, a URL that cannot be fetched) raises a one-line InputError.
     """
-    if isinstance(src, (str, Path)):
+    if is_url(src):
+        img = _open_url(src, allow_huge)
+    elif isinstance(src, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", src):
+        raise InputError(f"{src}: only http:// and https:// URLs are read; download the file and "
+                         "pass its path")
+    elif isinstance(src, (str, Path)):
         img = _open_file(Path(src), allow_huge)
     elif isinstance(src, Image.Image):
         img = src
@@ -203,7 +237,7 @@ def load_image(src, *, allow_huge=False):
     elif isinstance(src, np.ndarray):
         img = _from_array(src)
     else:
-        raise InputError(f"an image must be a file path, a PIL image or a NumPy array, got "
+        raise InputError(f"an image must be a file path, an http(s) URL, a PIL image or a NumPy array, got "
                          f"{type(src).__name__}")
     if img.width == 0 or img.height == 0:
         raise InputError(f"image has zero size ({img.width}x{img.height})")

@@ -1,7 +1,7 @@
 """Fine-tuning data: a JSONL file of examples, checked line by line, and the batches of each step.
 
-One JSONL line per example, the image path relative to the JSONL file (big_vision's and
-transformers' prefix/suffix naming):
+One JSONL line per example, the image path relative to the JSONL file or an http(s) URL (fetched
+once, when the file is read), with big_vision's and transformers' prefix/suffix naming:
 
     {"image": "images/0001.png", "prefix": "caption en", "suffix": "a red circle"}
 
@@ -11,6 +11,7 @@ file and the line.
 """
 
 import functools
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -20,16 +21,18 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..inputs.image import load_image
+from ..inputs.image import is_url, load_image
+from ..inputs.web import fetch
 
 
 @dataclass(frozen=True)
 class Example:
     source: object      # the JSONL file, as given (for messages)
     line: int           # 1-based line in it
-    image: Path
+    image: object       # the image file's Path, or an http(s) URL
     prefix: str
     suffix: str
+    fetched: bytes = None   # a URL's image file, fetched once when the JSONL is read
 
 
 def read_jsonl(path):
@@ -53,15 +56,23 @@ def read_jsonl(path):
                 raise InputError(f"{where}: '{key}' is missing or not a string")
         if not d["suffix"].strip():
             raise InputError(f"{where}: 'suffix' is empty; an example needs an answer to learn")
-        image = (path.parent / d["image"]).resolve()
-        if not image.is_file():
-            raise InputError(f"{where}: image {d['image']!r} not found (looked for {image})")
+        fetched = None
+        if is_url(d["image"]):
+            image = d["image"]
+            try:
+                fetched, _ = fetch(image)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+        else:
+            image = (path.parent / d["image"]).resolve()
+            if not image.is_file():
+                raise InputError(f"{where}: image {d['image']!r} not found (looked for {image})")
         try:
-            with Image.open(image) as im:
+            with Image.open(io.BytesIO(fetched) if fetched is not None else image) as im:
                 im.size  # noqa: B018 (the header is read: a file Pillow cannot open fails here)
         except Exception as e:  # noqa: BLE001 (Pillow raises several types; reported as one line)
             raise InputError(f"{where}: image {d['image']!r} cannot be read ({type(e).__name__})") from None
-        examples.append(Example(source, n, image, d["prefix"], d["suffix"]))
+        examples.append(Example(source, n, image, d["prefix"], d["suffix"], fetched))
     if not examples:
         raise InputError(f"{path}: no examples")
     return examples
@@ -86,7 +97,7 @@ def make_batch(model, examples):
     images = []
     for e in examples:
         try:
-            images.append(load_image(e.image))
+            images.append(load_image(Image.open(io.BytesIO(e.fetched)) if e.fetched is not None else e.image))
         except InputError as err:
             raise InputError(f"{e.source} line {e.line}: {err}") from None
     return model.device_batch(model.processor(images, [e.prefix for e in examples], [e.suffix for e in examples]))
