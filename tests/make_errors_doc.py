@@ -9,6 +9,7 @@ Takes a few seconds (one run.py subprocess per case).
 """
 
 import argparse
+import ast
 import sys
 import tempfile
 from pathlib import Path
@@ -105,6 +106,54 @@ is a file) and with a missing folder. For a read-only folder as a normal user th
 """
 
 
+ERROR_TYPES = ("NpvlmError", "ConfigError", "CheckpointError", "InputError", "BackendError")
+
+
+def _template(node):
+    """The text of a message expression with its computed parts as "…": an f-string, a string
+    constant, or a + of them; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _template(node.left), _template(node.right)
+        return None if left is None or right is None else left + right
+    return "…" if isinstance(node, (ast.Name, ast.Attribute, ast.Call, ast.Subscript)) else None
+
+
+def message_templates():
+    """Every message npvlm can raise: [(module, function, template)] for each npvlm error type
+    constructed in npvlm/ (raised there or returned to be raised), computed parts shown as "…"."""
+    out = []
+    package = ROOT / "npvlm"
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ERROR_TYPES \
+                    and node.args:
+                text = _template(node.args[0])
+                if text is None:
+                    continue
+                owner = min((f for f in functions if f.lineno <= node.lineno <= f.end_lineno),
+                            key=lambda f: f.end_lineno - f.lineno, default=None)
+                module = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+                out.append((module, node.lineno, owner.name if owner else "", f"{node.func.id}: {text}"))
+    return [(module, function, text) for module, _, function, text in sorted(out)]
+
+
+def messages_section():
+    lines = ["\n## Every message, by module\n",
+             "The messages npvlm's code can raise, read from the code (`message_templates`): `…` stands "
+             "for what is filled in (a path, a number, a name). The tables above show them as they "
+             "appear; `tests/test_errors_doc.py` fails when the code has a message this list lacks.\n",
+             "| where | message |", "|---|---|"]
+    for module, function, text in message_templates():
+        lines.append(f"| `{module}.{function}` | {_cell(text)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(text):
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else ""
 
@@ -168,6 +217,7 @@ def make_doc():
             r = T.run_finetune_cli(case.build(tmp, base), tmp)
             line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "")
             out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
+    out.append(messages_section())
     out.append(FOOTER)
     return "\n".join(out)
 
