@@ -80,18 +80,18 @@ print(f"Gemma:  {t.num_hidden_layers} layers x width D = {t.hidden_size}, {t.num
 # %% [markdown]
 # ## 1. The file
 #
-# `npvlm/demo/samples/scene.png` is a scene of the demo world (`npvlm.demo.scenes.make_scene(22)`): 1–3
+# `npvlm/demo/samples/scene.png` is a scene of the demo world (`npvlm.demo.scenes.make_scene(npvlm.demo.SAMPLE_SEED)`): 1–3
 # colored shapes on a light background. `load_image` reads any file Pillow reads (or a PIL image,
 # or an array) into an upright RGB image.
 
 # %%
-from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.scenes import make_scene, tasks
 from npvlm.inputs.image import load_image
 
 image = load_image(SAMPLE_SCENE)
 print(f"{SAMPLE_SCENE.name}: {image.size[0]}x{image.size[1]} {image.mode}")
-truth = dict(tasks(make_scene(22)))          # what the demo world says the answers are
+truth = dict(tasks(make_scene(SAMPLE_SEED)))          # what the demo world says the answers are
 for prompt, answer in truth.items():
     print(f"  {prompt!r:<42} -> {answer!r}")
 

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.scenes import make_scene
 from npvlm.model.attention import attention, split_heads
 from npvlm.model.layers import gelu_tanh, layer_norm, linear, softmax
@@ -130,7 +130,7 @@ traced = {}                                                       # a trace reco
 vision_tower(pixel_values, model.params["vision"], vcfg, trace=traced)
 print(compare(f"by hand == traced vision.attn.{L - 1:02d}", probs_last, traced[f"vision.attn.{L - 1:02d}"]))
 
-scene = make_scene(22)                                            # the sample scene's ground truth
+scene = make_scene(SAMPLE_SEED)                                            # the sample scene's ground truth
 circle = next(o for o in scene.objects if o.shape == "circle")
 cy, cx = ((circle.box[0] + circle.box[2]) / 2, (circle.box[1] + circle.box[3]) / 2)
 query = int(cy * R / scene.size // P) * g + int(cx * R / scene.size // P)

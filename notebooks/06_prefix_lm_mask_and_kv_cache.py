@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.scenes import caption, make_scene
 from npvlm.model.masks import decode_mask, prefix_lm_mask
 from npvlm.parity import GOLDENS, compare, compare_stages
@@ -84,7 +84,7 @@ for s, row in zip(labels, allowed):
 # token type 1. Two prompts of different lengths make the batch left-padded.
 
 # %%
-scene = make_scene(22)                                            # the sample scene's ground truth
+scene = make_scene(SAMPLE_SEED)                                            # the sample scene's ground truth
 batch = model.processor([SAMPLE_SCENE, SAMPLE_SCENE], ["caption en", "answer en how many shapes are there?"],
                         suffixes=[caption(scene), str(len(scene.objects))])
 am, types = batch["attention_mask"], batch["token_type_ids"]

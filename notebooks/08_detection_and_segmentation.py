@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import npvlm
-from npvlm.demo import SAMPLE_SCENE
+from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.scenes import detection_text, make_scene
 from npvlm.inputs.image import load_image
 from npvlm.parity import compare
@@ -80,7 +80,7 @@ model = npvlm.load(MODEL)
 tok = model.tokenizer
 image = load_image(SAMPLE_SCENE)
 W, H = image.size
-scene = make_scene(22)                                   # the sample scene's ground truth
+scene = make_scene(SAMPLE_SEED)                                   # the sample scene's ground truth
 print(model)
 print(f"image {W}x{H}; objects: {[(o.color, o.shape, o.box) for o in scene.objects]}")
 

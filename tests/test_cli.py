@@ -181,7 +181,7 @@ def test_a_streamed_answer_ends_its_line_before_the_timing_line():
     lines = r.stdout.splitlines()
     timing = next(i for i, line in enumerate(lines) if "image encode" in line)
     assert lines[timing].startswith("image encode"), lines[timing]
-    assert lines[timing - 1] == "a red circle, a blue square and a green triangle", lines
+    assert lines[timing - 1] == "a green triangle, a yellow circle and a blue square", lines
 
 
 def test_stream_with_json_is_refused(model_dir, image):

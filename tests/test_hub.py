@@ -82,7 +82,7 @@ def test_cli_takes_a_hub_id(offline_cache):
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), str(SAMPLE_SCENE), "caption en",
                         "--model", REPO], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "a red circle, a blue square and a green triangle\n"
+    assert r.stdout == "a green triangle, a yellow circle and a blue square\n"
 
 
 def test_without_huggingface_hub_the_error_names_the_extra(monkeypatch):

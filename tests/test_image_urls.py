@@ -128,7 +128,7 @@ def test_other_schemes_are_refused_whole():
 def test_the_command_reads_a_url_and_reports_a_bad_one_in_one_line(server):
     ok = subprocess.run([sys.executable, str(ROOT / "run.py"), f"{server}/scene.png"], capture_output=True,
                         text=True, cwd=ROOT, timeout=120)
-    assert ok.returncode == 0 and ok.stdout == "a red circle, a blue square and a green triangle\n", ok.stderr
+    assert ok.returncode == 0 and ok.stdout == "a green triangle, a yellow circle and a blue square\n", ok.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "run.py"), f"{server}/page.html", "caption en"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     last = bad.stderr.strip().splitlines()[-1]

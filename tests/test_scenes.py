@@ -33,7 +33,7 @@ def test_same_seed_same_scene():
 
 
 def test_tasks_answers():
-    s = make_scene(22)      # the bundled sample: red circle, blue square, green triangle
+    s = make_scene(22)      # a red circle, a blue square and a green triangle, left to right
     answers = dict(tasks(s))
     assert answers["caption en"] == caption(s) == "a red circle, a blue square and a green triangle"
     assert answers["answer en how many shapes are there?"] == "3"
@@ -75,8 +75,8 @@ def test_color_question_only_when_unique():
                 assert sum(o.shape == shape for o in s.objects) == 1
 
 
-def test_bundled_sample_is_scene_22():
+def test_bundled_sample_is_the_sample_seed_s_scene():
     from PIL import Image
 
-    from npvlm.demo import SAMPLE_SCENE
-    assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(22).image)
+    from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
+    assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(SAMPLE_SEED).image)

@@ -23,7 +23,7 @@ import numpy as np
 from ..api import load
 from ..saving.atomic import write_text_atomic
 from ..tasks.detection import iou, parse_detections
-from .scenes import KINDS, make_scene, task_kind, tasks
+from .scenes import KINDS, SHAPES, detection_text, make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
 SCENE_SIZE = 128
@@ -46,6 +46,21 @@ def eval_items(n_scenes=300, seed=EVAL_SEED, kinds=KINDS):
         scene = make_scene(np.random.default_rng([seed, i]), size=SCENE_SIZE)
         scenes.append(scene)
         items.extend(Item(i, p, a, task_kind(p)) for p, a in tasks(scene, kinds))
+    return scenes, items
+
+
+def prompt_items(n_scenes=300, seed=EVAL_SEED):
+    """(scenes, items) for a per-prompt breakdown: every task of every kind on each held-out scene,
+    and every two-label detection of two shapes the scene holds (`tasks` asks one pair a scene)."""
+    scenes, items = eval_items(n_scenes, seed)
+    for i, scene in enumerate(scenes):
+        present = [s for s in SHAPES if any(o.shape == s for o in scene.objects)]
+        asked = {it.prompt for it in items if it.scene == i}
+        for a_i, a in enumerate(present):
+            for b in present[a_i + 1:]:
+                prompt = f"detect {a} ; {b}"
+                if prompt not in asked:
+                    items.append(Item(i, prompt, detection_text(scene, {a, b}), "detect"))
     return scenes, items
 
 
@@ -80,6 +95,26 @@ def score(items, predictions):
             for kind, (k, n) in sorted(tally.items())}
 
 
+def score_by_prompt(items, predictions):
+    """Per prompt: {"asked": answers, "correct": objects found (detection) or exact answers,
+    "total": objects or answers, "exact": answers exactly right (detection: every object found
+    and no extra box)}."""
+    tally = {}
+    for item, pred in zip(items, predictions):
+        if item.kind in DETECTION_KINDS:
+            k, n = detection_hits(pred, item.answer, SCENE_SIZE)
+            exact = k == n == len(parse_detections(pred, SCENE_SIZE, SCENE_SIZE, divisor=1023).objects)
+        else:
+            k = n = int(pred.strip() == item.answer)
+            n, exact = 1, bool(k)
+        c = tally.setdefault(item.prompt, {"asked": 0, "correct": 0, "total": 0, "exact": 0})
+        c["asked"] += 1
+        c["correct"] += k
+        c["total"] += n
+        c["exact"] += int(exact)
+    return dict(sorted(tally.items()))
+
+
 def predict(model, scenes, items, batch_size=64, max_new_tokens=48):
     """Greedy answers of an npvlm model for every item, in order."""
     out = []
@@ -105,8 +140,20 @@ def main(argv=None):
     p.add_argument("--scenes", type=int, default=300)
     p.add_argument("--backend", default="numpy")
     p.add_argument("--json", metavar="OUT", help="also write scores and predictions as JSON")
+    p.add_argument("--by-prompt", action="store_true",
+                   help="per prompt, every two-label pair included: objects found and exact answers")
     args = p.parse_args(argv)
     model = load(args.model, backend=args.backend)
+    if args.by_prompt:
+        scenes, items = prompt_items(args.scenes)
+        rows = score_by_prompt(items, predict(model, scenes, items))
+        print(f"{args.model}: {args.scenes} held-out scenes, by prompt\n")
+        print("| prompt | asked | correct | exact answers |\n|---|---:|---:|---:|")
+        for prompt, r in rows.items():
+            unit = " objects" if prompt.startswith("detect") else ""
+            print(f"| `{prompt}` | {r['asked']} | {r['correct']} / {r['total']}{unit} = "
+                  f"{100 * r['correct'] / r['total']:.1f}% | {100 * r['exact'] / r['asked']:.1f}% |")
+        return 0
     scenes, items = eval_items(args.scenes)
     t0 = time.perf_counter()
     predictions = predict(model, scenes, items)
