@@ -93,3 +93,25 @@ def test_run_py_accepts_a_vae_file():
                         "--vae", str(vae), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert all(o["mask_pixels"] is None for o in json.loads(r.stdout)["objects"])
+
+
+@pytest.mark.live
+def test_transformers_loads_the_demo_folder_processor_included(torch_and_transformers):
+    """The demo folder is a complete transformers model folder: PaliGemmaProcessor.from_pretrained
+    reads it (the hub repositories' processor and tokenizer files, tools/make_demo_processor.py)
+    and gives npvlm's ids and pixels, and the model answers as npvlm does."""
+    torch, transformers = torch_and_transformers
+    transformers.logging.set_verbosity_error()
+    processor = transformers.PaliGemmaProcessor.from_pretrained(DEMO_MODEL)
+    hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        DEMO_MODEL, attn_implementation="eager", dtype=torch.float32).eval()
+    ours = npvlm.load("demo")
+    image = Image.open(SAMPLE_SCENE)
+    for prompt in ("caption en", "detect circle ; square ; triangle", "answer en what shape is yellow?"):
+        inputs, mine = processor(images=image, text=prompt, return_tensors="pt"), ours.processor([image], [prompt])
+        assert np.array_equal(inputs["input_ids"].numpy(), mine["input_ids"]), prompt
+        np.testing.assert_array_equal(inputs["pixel_values"].numpy(), mine["pixel_values"])
+        with torch.no_grad():
+            out = hf.generate(**inputs, max_new_tokens=48, do_sample=False)
+        text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text == ours.generate(image, prompt, max_new_tokens=48).text, prompt

@@ -178,6 +178,9 @@ def test_transformers_loads_the_output_with_equal_logits(tmp_path, torch_and_tra
     ours = npvlm.load(tmp_path / "o")
     hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
         tmp_path / "o", attn_implementation="eager", dtype=torch.float32).eval()
+    processor = transformers.PaliGemmaProcessor.from_pretrained(tmp_path / "o")     # copied from the demo
+    assert np.array_equal(processor(images=make_scene(3).image, text="caption en", return_tensors="pt")["input_ids"].numpy(),
+                          ours.processor([make_scene(3).image], ["caption en"])["input_ids"])
     inputs = ours.processor([make_scene(3).image], ["caption en"])
     logits = ours.prefill(inputs, logits_for="all")
     with torch.no_grad():

@@ -31,6 +31,8 @@ from npvlm.demo.scenes import COLORS, SHAPES, make_scene, task_kind, tasks
 from npvlm.inputs.image import preprocess
 from npvlm.inputs.tokenizer import Tokenizer
 
+from make_demo_processor import write_processor_files  # tools/: the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
@@ -245,6 +247,7 @@ def export(model, tok_path, log, args):
              "weight_map": dict.fromkeys(sorted(tensors), shard)}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     shutil.copy(tok_path, out / "tokenizer.model")
+    write_processor_files(out)            # transformers' processor and tokenizer files, as a hub repo has
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"exported to {out} ({size / 1e6:.1f} MB)")
     # the shipped model's log goes to docs/ (the curve in docs/demo.md); an experiment's stays with it
