@@ -3,7 +3,18 @@
 import numpy as np
 import pytest
 
-from npvlm.demo.scenes import BASE_KINDS, COLORS, KINDS, SHAPES, caption, make_scene, prompts_of, task_kind, tasks
+from npvlm.demo.scenes import (
+    BASE_KINDS,
+    COLORS,
+    KINDS,
+    NEW_SKILLS,
+    SHAPES,
+    caption,
+    make_scene,
+    prompts_of,
+    task_kind,
+    tasks,
+)
 from npvlm.tasks.detection import iou, parse_detections
 
 
@@ -80,3 +91,23 @@ def test_bundled_sample_is_the_sample_seed_s_scene():
 
     from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
     assert np.array_equal(np.asarray(Image.open(SAMPLE_SCENE).convert("RGB")), make_scene(SAMPLE_SEED).image)
+
+
+def test_the_color_count_skill_the_demo_has_not_learned():
+    s = make_scene(22)      # a red circle, a blue square and a green triangle
+    answers = dict(tasks(s, NEW_SKILLS))
+    assert answers == {f"answer en how many {c} shapes are there?": "0" if c == "yellow" else "1" for c in COLORS}
+    assert {task_kind(p) for p in answers} == {"color_count"}
+    assert set(prompts_of(NEW_SKILLS)) == set(answers)
+    assert not set(answers) & set(prompts_of(KINDS))          # not among the shipped demo's prompts
+
+
+def test_fine_tuning_data_half_new_half_replayed(tmp_path):
+    from npvlm.demo.data import main
+    from npvlm.training.data import read_jsonl
+    main([str(tmp_path), "--kinds", "color_count", "--replay", "--scenes", "6", "--val-scenes", "2"])
+    train = read_jsonl(tmp_path / "train.jsonl")
+    kinds = [task_kind(e.prefix) for e in train]
+    assert len(train) == 6 * 2 * 4 and kinds.count("color_count") == 24
+    assert set(kinds) - {"color_count"} <= set(KINDS)
+    assert len(read_jsonl(tmp_path / "val.jsonl")) == 2 * 2 * 4

@@ -23,7 +23,7 @@ import numpy as np
 from ..api import load
 from ..saving.atomic import write_text_atomic
 from ..tasks.detection import iou, parse_detections
-from .scenes import KINDS, SHAPES, detection_text, make_scene, task_kind, tasks
+from .scenes import KINDS, NEW_SKILLS, SHAPES, detection_text, make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
 SCENE_SIZE = 128
@@ -140,6 +140,8 @@ def main(argv=None):
     p.add_argument("--scenes", type=int, default=300)
     p.add_argument("--backend", default="numpy")
     p.add_argument("--json", metavar="OUT", help="also write scores and predictions as JSON")
+    p.add_argument("--kinds", nargs="+", choices=KINDS + NEW_SKILLS, default=list(KINDS),
+                   help="the task kinds to score (color_count: a skill the shipped demo has not learned)")
     p.add_argument("--by-prompt", action="store_true",
                    help="per prompt, every two-label pair included: objects found and exact answers")
     args = p.parse_args(argv)
@@ -154,7 +156,7 @@ def main(argv=None):
             print(f"| `{prompt}` | {r['asked']} | {r['correct']} / {r['total']}{unit} = "
                   f"{100 * r['correct'] / r['total']:.1f}% | {100 * r['exact'] / r['asked']:.1f}% |")
         return 0
-    scenes, items = eval_items(args.scenes)
+    scenes, items = eval_items(args.scenes, kinds=args.kinds)
     t0 = time.perf_counter()
     predictions = predict(model, scenes, items)
     elapsed = time.perf_counter() - t0

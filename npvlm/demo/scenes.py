@@ -115,6 +115,9 @@ def detection_text(scene, shapes):
 BASE_KINDS = ("caption", "color", "count", "detect")
 SKILLS = ("detect3", "shape_count", "color_shape")
 KINDS = BASE_KINDS + SKILLS
+# a skill the shipped demo has not learned, to teach it in a fine-tuning example (README,
+# notebook 11): "how many red shapes are there?" -> 0 to 3
+NEW_SKILLS = ("color_count",)
 DETECT_ALL = "detect " + " ; ".join(SHAPES)
 
 
@@ -140,6 +143,9 @@ def tasks(scene, kinds=KINDS):
     if "shape_count" in kinds:            # per shape, 0 to 3
         out += [(f"answer en how many {shape}s are there?", str(sum(o.shape == shape for o in scene.objects)))
                 for shape in SHAPES]
+    if "color_count" in kinds:            # per color, 0 to 3
+        out += [(f"answer en how many {color} shapes are there?", str(sum(o.color == color for o in scene.objects)))
+                for color in COLORS]
     if "color_shape" in kinds:            # asked when exactly one object has the color
         for color in COLORS:
             same = [o for o in scene.objects if o.color == color]
@@ -159,6 +165,7 @@ def prompts_of(kinds=KINDS):
         "detect3": [DETECT_ALL],
         "shape_count": [f"answer en how many {shape}s are there?" for shape in SHAPES],
         "color_shape": [f"answer en what shape is {color}?" for color in COLORS],
+        "color_count": [f"answer en how many {color} shapes are there?" for color in COLORS],
     }
     return [p for kind in kinds for p in by_kind[kind]]
 
@@ -174,7 +181,7 @@ def trained_prompts():
 
 
 def task_kind(prompt):
-    """The kind of a task prompt: one of KINDS."""
+    """The kind of a task prompt: one of KINDS or NEW_SKILLS."""
     if prompt.startswith("caption"):
         return "caption"
     if prompt == DETECT_ALL:
@@ -183,6 +190,8 @@ def task_kind(prompt):
         return "detect"
     if prompt == "answer en how many shapes are there?":
         return "count"
+    if any(f"how many {color} shapes" in prompt for color in COLORS):
+        return "color_count"
     if "how many" in prompt:
         return "shape_count"
     return "color_shape" if prompt.startswith("answer en what shape is") else "color"
