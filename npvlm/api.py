@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from . import threads
 from .backend import get_backend, to_device, to_host
 from .config import load_config
 from .demo import MODEL_DIR as DEMO_MODEL
@@ -59,6 +60,12 @@ class PaliGemma:
 
     # ---- array level: token ids in, logits out (the only host -> device step for inputs) -----
 
+    def _settle_threads(self):
+        """Before the first computation on the CPU: BLAS's thread count from the machine's load
+        (npvlm/threads.py)."""
+        if self.xp is np:
+            threads.settle()
+
     def _ids(self, ids):
         """Token ids checked on the host, then moved to the device."""
         ids = np.asarray(to_host(ids))
@@ -76,6 +83,7 @@ class PaliGemma:
         if unknown:
             raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
                              f"{', '.join(self.BATCH_KEYS)}")
+        self._settle_threads()
         ids = np.asarray(to_host(batch["input_ids"]))
         check_token_ids(ids, self.cfg)
         check_images(ids, batch.get("pixel_values"), batch.get("image_tokens"), self.cfg)
@@ -96,6 +104,7 @@ class PaliGemma:
     def encode_images(self, pixel_values, trace=None):
         """float32[B, 3, R, R] -> image tokens [B, N, D] on the device."""
         check_pixel_values(pixel_values, self.cfg)
+        self._settle_threads()
         return paligemma.encode_images(self.xp.asarray(pixel_values, dtype=self.xp.float32),
                                        self.params, self.cfg, trace=trace)
 
@@ -207,11 +216,15 @@ def load(path, backend="numpy", weights="fp32"):
     `backend` ("numpy" or "cupy"); "demo" is the embedded demo model, "org/name" a Hugging Face
     Hub model (npvlm/loading/hub.py). Weights are checked
     strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
-    (half the memory, slower decoding; NumPy only; npvlm/loading/bf16.py)."""
+    (half the memory, slower decoding; NumPy only; npvlm/loading/bf16.py). On the CPU, BLAS's
+    thread count is chosen from the machine's load at the model's first computation
+    (npvlm/threads.py; NPVLM_THREADS=n fixes it)."""
     t0 = time.perf_counter()
     check_weights_option(weights, backend)
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
+    if xp is np:
+        threads.on_load()              # NPVLM_THREADS, or a look at the machine's load begins
     cfg = load_config(path)
     processor = None
     if (path / "tokenizer.model").is_file():

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from . import threads
 from .api import check_model_dir, check_weights_option, load
 from .backend import get_backend
 from .commands import ArgumentParser, run_main, silence_stdout
@@ -63,6 +64,8 @@ def build_parser():
     parser.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
                    help="map <locNNNN> bins to pixels as bin/1024*size (public demo) or bin/1023 "
                         "(big_vision)")
+    parser.add_argument("--threads", type=int, metavar="N", help="BLAS threads on the CPU (default: "
+                   "all cores on a quiet machine, fewer on a busy one; NPVLM_THREADS=N too)")
     parser.add_argument("--allow-huge-image", action="store_true",
                    help="decode images above Pillow's decompression-bomb limit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -83,6 +86,13 @@ def check_prompt_text(prompt):
                          "pass it in UTF-8") from None
 
 
+def check_threads_option(n):
+    """--threads N, else NPVLM_THREADS, checked (and fixed) before any loading."""
+    if n is not None and n < 1:
+        raise InputError(f"--threads must be >= 1, got {n}")
+    threads.from_environment()
+
+
 def check_before_load(args):
     """Every check that needs no weights, in the order a user would fix them, so a mistake
     costs no loading time. Returns (model folder, image)."""
@@ -94,6 +104,7 @@ def check_before_load(args):
         raise InputError("--stream and --json cannot be combined: --json prints one object when "
                          "the answer is complete")
     check_weights_option(args.weights, args.backend)
+    check_threads_option(args.threads)
     image_path = SAMPLE_SCENE if args.image is None else args.image
     if args.draw:
         check_writable(args.draw, inputs=[image_path])
@@ -148,6 +159,8 @@ def run(args):
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.backend})", file=sys.stderr)
+    if args.threads is not None:
+        threads.set_threads(args.threads)
     model = load(folder, backend=args.backend, weights=args.weights)
     print(f"loaded in {time.perf_counter() - t0:.2f} s: {model}", file=sys.stderr)
 

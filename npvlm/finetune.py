@@ -7,11 +7,11 @@ The command: its options, their checks, and what it prints. The work is done by 
 the examples and batches (npvlm/training/data.py), the loop, state and --resume
 (npvlm/training/loop.py), the gradients (npvlm/training/grads.py), LoRA
 (npvlm/training/lora.py) and the export (npvlm/saving/checkpoint.py). The training state is
-saved in --work (default OUT.work) every --save-every steps; --resume continues from it and
-ends where an uninterrupted run ends, --restart discards it, and without either a saved state
-is refused, never overwritten. The model is written to --out only at the end, atomically, and
-the state is then removed; every bad input is one `error:` line naming the JSONL line or the
-step.
+saved in --work (default OUT.work) every --save-every steps; --resume continues from it, at the
+saved run's BLAS thread count, and ends where an uninterrupted run ends, --restart discards it,
+and without either a saved state is refused, never overwritten. The model is written to --out
+only at the end, atomically, and the state is then removed; every bad input is one `error:`
+line naming the JSONL line or the step.
 """
 
 import json
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import threads
 from .api import check_model_dir, load
 from .commands import ArgumentParser, run_main
 from .errors import InputError
@@ -85,6 +86,8 @@ def build_parser():
     add("--resume", action="store_true", help="continue from the state in --work")
     add("--restart", action="store_true", help="discard a state saved in --work and start over")
     add("--backend", choices=("numpy", "cupy"), default="numpy", help="array library: numpy (CPU) or cupy (a GPU)")
+    add("--threads", type=int, metavar="N", help="BLAS threads on the CPU (default: all cores on a quiet "
+        "machine, fewer on a busy one, chosen at the start; --resume: the saved run's; NPVLM_THREADS=N too)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -105,6 +108,9 @@ def check_args(args):
         raise InputError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.clip_norm < 0:
         raise InputError(f"--clip-norm must be >= 0 (0 = off), got {args.clip_norm}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    threads.from_environment()
 
 
 def check_saved_state(work, args):
@@ -117,6 +123,18 @@ def check_saved_state(work, args):
     if meta is not None and not (args.resume or args.restart):
         raise InputError(f"{work}: holds the saved state of a run at step {meta['step']}; continue it "
                          "with --resume, or discard it and start over with --restart")
+    return meta
+
+
+def choose_threads(args, meta):
+    """BLAS's threads for the run: --threads, else NPVLM_THREADS, else (--resume) the count the
+    saved run used, so the resumed run rounds as an uninterrupted one would; else chosen from the
+    machine's load when the model first computes (npvlm/threads.py)."""
+    n = args.threads or threads.from_environment()
+    if n is None and args.resume and meta is not None and meta["blas_threads"] is not None:
+        n = meta["blas_threads"]
+    if n is not None:
+        threads.set_threads(n)
 
 
 def train_config(args):
@@ -131,10 +149,12 @@ def run(args, on_step=None):
     out = Path(args.out)
     check_output(out, source)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    check_saved_state(work, args)
+    meta = check_saved_state(work, args)
     examples = read_jsonl(args.data)
     val = read_jsonl(args.val) if args.val else []
     print(f"loading {args.model}", file=sys.stderr)
+    if args.backend == "numpy":
+        choose_threads(args, meta)
     model = load(source, backend=args.backend, weights=args.weights)
     check_lengths(examples + val, model.processor, model.cfg, args.max_len)
     if args.train == "lora":
@@ -145,9 +165,13 @@ def run(args, on_step=None):
     params = model.params = with_fp32_masters(model.params, args.train)
     config = train_config(args)
     trained = sum(int(np.prod(a.shape)) for a in trained_arrays(params, args.train).values())
+    if args.backend == "numpy":
+        threads.settle()
+    n = threads.blas_threads() if args.backend == "numpy" else None
+    blas = "" if n is None else f", {n} BLAS thread{'s' if n != 1 else ''}"
     print(f"{len(examples)} examples, {config.total_steps(len(examples))} steps of "
           f"{args.batch_size * args.grad_accum}, training {args.train} ({trained:,} parameters), "
-          f"{args.optimizer} lr {args.lr}", file=sys.stderr)
+          f"{args.optimizer} lr {args.lr}{blas}", file=sys.stderr)
     options = {k: str(getattr(args, k)) for k in STATE_OPTIONS}
     if args.restart:
         discard_state(work)
@@ -157,8 +181,10 @@ def run(args, on_step=None):
         print(f"stopped after step {log[-1]['step']}; state in {work} (--resume to continue)", file=sys.stderr)
         return 0
     save_checkpoint(params, source, out, args.save_dtype)
-    write_text_atomic(out / "npvlm_finetune.json", json.dumps({"options": vars(args), "log": log}, indent=1,
-                                                               default=str) + "\n")
+    record = {"options": vars(args), "log": log}
+    if args.backend == "numpy":
+        record["blas_threads"] = threads.blas_threads()
+    write_text_atomic(out / "npvlm_finetune.json", json.dumps(record, indent=1, default=str) + "\n")
     state = f"; removed its training state from {work}" if discard_state(work) else ""
     print(f"wrote {out} (final loss {log[-1]['loss']:.4f}){state}", file=sys.stderr)
     return 0

@@ -372,7 +372,7 @@ def run_worker(kind, size, folder, args):
 def run_json_worker(kind, cmd, threads):
     """Run a worker process with every BLAS pinned to `threads`; its last stdout line is JSON."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+               MKL_NUM_THREADS=str(threads), NPVLM_THREADS=str(threads))   # npvlm: no choice from the load
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from .. import threads
 from ..backend import array_module
 from ..errors import InputError
 from ..loading.bf16 import BF16Matrix
@@ -114,6 +115,8 @@ def loss_and_grads(batch, params, cfg, train="all", reduction="example", *, trac
     """One forward and backward pass: (loss as a Python float, grads mirroring `params` with the
     trained tensors only). trace: the forward's stage outputs and the gradients arriving at them
     ("grad." + stage name), host copies."""
+    if array_module(batch["input_ids"]) is np:
+        threads.settle()                      # BLAS's threads from the load, once per loaded model
     saved = save_plan(params, train)
     loss = forward_loss(batch, params, cfg, reduction, save=saved, trace=trace)
     grads = backward(saved, params, cfg, trace=trace)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..backend import synchronize, to_host
+from .. import threads
+from ..backend import array_module, synchronize, to_host
 from ..demo.evaluate import eval_items, predict, score
 from ..errors import InputError
 from ..model.paligemma import forward_loss
@@ -115,8 +116,8 @@ def demo_scores(model, n_scenes):
 # ---- the training state ---------------------------------------------------------------------------
 
 def save_state(work, step, trained, optimizer, log, options):
-    """The trained tensors, the optimizer state, the step, the log and the run's options (to
-    refuse a resume with other ones), atomically."""
+    """The trained tensors, the optimizer state, the step, the log, the run's options (to
+    refuse a resume with other ones) and, on the CPU, BLAS's thread count, atomically."""
     work.mkdir(parents=True, exist_ok=True)
     arrays = {f"param.{k}": to_host(v) for k, v in trained.items()}
     arrays.update({f"opt.{k}": to_host(v) if hasattr(v, "shape") else np.asarray(v)
@@ -124,7 +125,10 @@ def save_state(work, step, trained, optimizer, log, options):
     tmp = work / f".state.{os.getpid()}.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, work / "state.npz")
-    write_text_atomic(work / "state.json", json.dumps({"step": step, "options": options, "log": log}, indent=1))
+    meta = {"step": step, "options": options, "log": log}
+    if array_module(next(iter(trained.values()))) is np:
+        meta["blas_threads"] = threads.blas_threads()     # a resume uses the same: the same rounding
+    write_text_atomic(work / "state.json", json.dumps(meta, indent=1))
 
 
 STATE_FILES = ("state.json", "state.npz")
@@ -142,7 +146,8 @@ def state_meta(work):
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        meta = {"step": int(meta["step"]), "options": dict(meta["options"]), "log": list(meta["log"])}
+        meta = {"step": int(meta["step"]), "options": dict(meta["options"]), "log": list(meta["log"]),
+                "blas_threads": None if meta.get("blas_threads") is None else int(meta["blas_threads"])}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: the saved training state is damaged ({type(e).__name__}); {RESTART}") from None
     return meta
