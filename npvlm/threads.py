@@ -119,7 +119,7 @@ def from_environment():
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        from .errors import InputError  # noqa: PLC0415
+        from .errors import InputError  # noqa: PLC0415 (kept beside its one use)
         raise InputError(f"NPVLM_THREADS must be an integer >= 1, got {value!r}; unset it to let npvlm "
                          "choose from the machine's load")
     return int(value)
