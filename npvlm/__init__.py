@@ -31,7 +31,7 @@ _PUBLIC = {
     "load": "api", "PaliGemma": "api",
     "load_config": "config", "PaliGemmaConfig": "config", "TextConfig": "config", "VisionConfig": "config",
     "NpvlmError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors",
-    "BackendError": "errors", "set_threads": "threads",
+    "BackendError": "errors", "set_threads": "cpu",
 }
 
 __all__ = list(_PUBLIC)

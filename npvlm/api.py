@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import threads
+from . import cpu
 from .backend import get_backend, to_device, to_host
 from .config import load_config
 from .demo import MODEL_DIR as DEMO_MODEL
@@ -62,9 +62,9 @@ class PaliGemma:
 
     def _settle_threads(self):
         """Before the first computation on the CPU: BLAS's thread count from the machine's load
-        (npvlm/threads.py)."""
+        (npvlm/cpu.py)."""
         if self.xp is np:
-            threads.settle()
+            cpu.settle()
 
     def _ids(self, ids):
         """Token ids checked on the host, then moved to the device."""
@@ -218,13 +218,13 @@ def load(path, backend="numpy", weights="fp32"):
     strictly and widened to fp32 once; weights="bf16" keeps the matrices in bfloat16 instead
     (half the memory, slower decoding; NumPy only; npvlm/loading/bf16.py). On the CPU, BLAS's
     thread count is chosen from the machine's load at the model's first computation
-    (npvlm/threads.py; NPVLM_THREADS=n fixes it)."""
+    (npvlm/cpu.py; NPVLM_THREADS=n fixes it)."""
     t0 = time.perf_counter()
     check_weights_option(weights, backend)
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
     if xp is np:
-        threads.on_load()              # NPVLM_THREADS, or a look at the machine's load begins
+        cpu.on_load()              # NPVLM_THREADS, or a look at the machine's load begins
     cfg = load_config(path)
     processor = None
     if (path / "tokenizer.model").is_file():

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from . import threads
+from . import cpu
 from .api import check_model_dir, check_weights_option, load
 from .backend import get_backend
 from .commands import ArgumentParser, run_main, silence_stdout
@@ -90,7 +90,7 @@ def check_threads_option(n):
     """--threads N, else NPVLM_THREADS, checked (and fixed) before any loading."""
     if n is not None and n < 1:
         raise InputError(f"--threads must be >= 1, got {n}")
-    threads.from_environment()
+    cpu.from_environment()
 
 
 def check_before_load(args):
@@ -160,7 +160,7 @@ def run(args):
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.backend})", file=sys.stderr)
     if args.threads is not None:
-        threads.set_threads(args.threads)
+        cpu.set_threads(args.threads)
     model = load(folder, backend=args.backend, weights=args.weights)
     print(f"loaded in {time.perf_counter() - t0:.2f} s: {model}", file=sys.stderr)
 

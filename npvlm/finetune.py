@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import threads
+from . import cpu
 from .api import check_model_dir, load
 from .commands import ArgumentParser, run_main
 from .errors import InputError
@@ -110,7 +110,7 @@ def check_args(args):
         raise InputError(f"--clip-norm must be >= 0 (0 = off), got {args.clip_norm}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
-    threads.from_environment()
+    cpu.from_environment()
 
 
 def check_saved_state(work, args):
@@ -129,12 +129,12 @@ def check_saved_state(work, args):
 def choose_threads(args, meta):
     """BLAS's threads for the run: --threads, else NPVLM_THREADS, else (--resume) the count the
     saved run used, so the resumed run rounds as an uninterrupted one would; else chosen from the
-    machine's load when the model first computes (npvlm/threads.py)."""
-    n = args.threads or threads.from_environment()
+    machine's load when the model first computes (npvlm/cpu.py)."""
+    n = args.threads or cpu.from_environment()
     if n is None and args.resume and meta is not None and meta["blas_threads"] is not None:
         n = meta["blas_threads"]
     if n is not None:
-        threads.set_threads(n)
+        cpu.set_threads(n)
 
 
 def train_config(args):
@@ -166,8 +166,8 @@ def run(args, on_step=None):
     config = train_config(args)
     trained = sum(int(np.prod(a.shape)) for a in trained_arrays(params, args.train).values())
     if args.backend == "numpy":
-        threads.settle()
-    n = threads.blas_threads() if args.backend == "numpy" else None
+        cpu.settle()
+    n = cpu.blas_threads() if args.backend == "numpy" else None
     blas = "" if n is None else f", {n} BLAS thread{'s' if n != 1 else ''}"
     print(f"{len(examples)} examples, {config.total_steps(len(examples))} steps of "
           f"{args.batch_size * args.grad_accum}, training {args.train} ({trained:,} parameters), "
@@ -183,7 +183,7 @@ def run(args, on_step=None):
     save_checkpoint(params, source, out, args.save_dtype)
     record = {"options": vars(args), "log": log}
     if args.backend == "numpy":
-        record["blas_threads"] = threads.blas_threads()
+        record["blas_threads"] = cpu.blas_threads()
     write_text_atomic(out / "npvlm_finetune.json", json.dumps(record, indent=1, default=str) + "\n")
     state = f"; removed its training state from {work}" if discard_state(work) else ""
     print(f"wrote {out} (final loss {log[-1]['loss']:.4f}){state}", file=sys.stderr)

@@ -5,7 +5,7 @@ optional reference stack, and the robustness tables' base model and run.py resul
 import numpy as np
 import pytest
 
-from npvlm import threads
+from npvlm import cpu
 from npvlm.backend import cupy_usable, get_backend
 
 from helpers import BACKENDS, GOLDEN_MODELS, Golden, golden_meta
@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 def fixed_blas_threads():
     """The suite runs at BLAS's own thread count, fixed: its bit-for-bit comparisons (with other
     processes' results too) must not depend on what the machine does at the moment, as npvlm's
-    choice from the load would (npvlm/threads.py; tested in tests/test_threads.py)."""
-    threads.set_threads(threads.default_threads())
+    choice from the load would (npvlm/cpu.py; tested in tests/test_cpu.py)."""
+    cpu.set_threads(cpu.default_threads())
 
 
 @pytest.fixture(scope="session", params=GOLDEN_MODELS)

@@ -29,7 +29,7 @@ def part(path):
         return "base"                  # the demo's file paths (MODEL_DIR, SAMPLE_SCENE): data, no imports
     if len(rel.parts) > 1:
         return rel.parts[0]
-    return {"config.py": "base", "errors.py": "base", "backend.py": "base", "tree.py": "base", "threads.py": "base",
+    return {"config.py": "base", "errors.py": "base", "backend.py": "base", "tree.py": "base", "cpu.py": "base",
             "api.py": "api", "parity.py": "parity", "__init__.py": "package",
             "cli.py": "commands", "finetune.py": "commands", "commands.py": "commands",
             "__main__.py": "commands"}[rel.name]
@@ -165,7 +165,7 @@ DEMO_RUN_MODULES = {
     "npvlm.model.gemma", "npvlm.model.kv_cache", "npvlm.model.layers", "npvlm.model.loss",
     "npvlm.model.masks", "npvlm.model.paligemma", "npvlm.model.record", "npvlm.model.rope",
     "npvlm.model.siglip", "npvlm.saving", "npvlm.saving.atomic", "npvlm.tasks", "npvlm.tasks.detection",
-    "npvlm.tasks.draw", "npvlm.tasks.segmentation", "npvlm.threads", "npvlm.tree",
+    "npvlm.tasks.draw", "npvlm.tasks.segmentation", "npvlm.cpu", "npvlm.tree",
 }
 
 

@@ -69,14 +69,14 @@ else:
         a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
         params[tree_name(name)] = a.reshape(a.shape[0], -1) if name.endswith("patch_embedding.weight") else a
     model = PaliGemma(cfg, unflatten(params), np)
-    from npvlm import threads
-    threads.on_load()                                                # what npvlm.load does
+    from npvlm import cpu
+    cpu.on_load()                                                # what npvlm.load does
     ids, mask, pixels = bench_inputs("mid")
     model.prefill(ids, mask, pixels)                                 # warm-up
     t0 = time.perf_counter()
     for _ in range(3):
         model.prefill(ids, mask, pixels)
-from npvlm.threads import blas_threads
+from npvlm.cpu import blas_threads
 print(json.dumps({"seconds": time.perf_counter() - t0, "threads": blas_threads()}))
 '''
 

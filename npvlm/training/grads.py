@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from .. import threads
+from .. import cpu
 from ..backend import array_module
 from ..errors import InputError
 from ..loading.bf16 import BF16Matrix
@@ -116,7 +116,7 @@ def loss_and_grads(batch, params, cfg, train="all", reduction="example", *, trac
     trained tensors only). trace: the forward's stage outputs and the gradients arriving at them
     ("grad." + stage name), host copies."""
     if array_module(batch["input_ids"]) is np:
-        threads.settle()                      # BLAS's threads from the load, once per loaded model
+        cpu.settle()                      # BLAS's threads from the load, once per loaded model
     saved = save_plan(params, train)
     loss = forward_loss(batch, params, cfg, reduction, save=saved, trace=trace)
     grads = backward(saved, params, cfg, trace=trace)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .. import threads
+from .. import cpu
 from ..backend import array_module, synchronize, to_host
 from ..demo.evaluate import eval_items, predict, score
 from ..errors import InputError
@@ -127,7 +127,7 @@ def save_state(work, step, trained, optimizer, log, options):
     os.replace(tmp, work / "state.npz")
     meta = {"step": step, "options": options, "log": log}
     if array_module(next(iter(trained.values()))) is np:
-        meta["blas_threads"] = threads.blas_threads()     # a resume uses the same: the same rounding
+        meta["blas_threads"] = cpu.blas_threads()     # a resume uses the same: the same rounding
     write_text_atomic(work / "state.json", json.dumps(meta, indent=1))
 
 

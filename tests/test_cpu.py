@@ -1,7 +1,8 @@
-"""BLAS's thread count (npvlm/threads.py): all cores on a quiet machine, fewer beside processes
-that keep cores busy, chosen once per load; NPVLM_THREADS, --threads and set_threads fix it; a
-resumed fine-tune keeps the saved run's count. (The rest of the suite runs at a fixed count:
-tests/conftest.py.)"""
+"""How npvlm runs on the CPU (npvlm/cpu.py). BLAS's thread count: all cores on a quiet machine,
+fewer beside processes that keep cores busy, chosen once per load; NPVLM_THREADS, --threads and
+set_threads fix it; a resumed fine-tune keeps the saved run's count. (The rest of the suite runs
+at a fixed count: tests/conftest.py.) glibc's allocator: freed temporaries are reused, not
+faulted in again, unless the user set glibc's own thresholds."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from npvlm import finetune, threads
+from npvlm import cpu, finetune
 from npvlm.errors import InputError
 
 from helpers import ROOT, make_data
@@ -18,12 +19,12 @@ from helpers import ROOT, make_data
 
 @pytest.fixture
 def unfixed():
-    """threads.py's choice from the load, as a user gets it; the suite's fixed count after."""
-    saved = dict(threads._state)
-    threads._state.update(fixed=None, settled=False)
+    """cpu.py's choice from the load, as a user gets it; the suite's fixed count after."""
+    saved = dict(cpu._state)
+    cpu._state.update(fixed=None, settled=False)
     yield
-    threads._state.update(saved)
-    threads.set_threads(saved["fixed"])
+    cpu._state.update(saved)
+    cpu.set_threads(saved["fixed"])
 
 
 @pytest.mark.parametrize("others, cpus, default, want", [
@@ -39,7 +40,7 @@ def unfixed():
     (0.0, 8, 4, 4),
 ])
 def test_the_count_for_a_load(others, cpus, default, want):
-    assert threads.threads_for(others, cpus, default) == want
+    assert cpu.threads_for(others, cpus, default) == want
 
 
 def fake_machine(monkeypatch, others_cores):
@@ -51,59 +52,59 @@ def fake_machine(monkeypatch, others_cores):
         clock["t"] += 0.5
         return clock["t"]
 
-    monkeypatch.setattr(threads.time, "perf_counter", perf_counter)
-    monkeypatch.setattr(threads.time, "process_time", lambda: 1.0)
-    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
-    monkeypatch.setattr(threads, "_busy_seconds", lambda: others_cores * clock["t"])
-    monkeypatch.setattr(threads, "_cpus", lambda: 2)
-    monkeypatch.setattr(threads, "default_threads", lambda: 2)
-    threads._state["look"] = None          # no look from before the fake clock
+    monkeypatch.setattr(cpu.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(cpu.time, "process_time", lambda: 1.0)
+    monkeypatch.setattr(cpu.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cpu, "_busy_seconds", lambda: others_cores * clock["t"])
+    monkeypatch.setattr(cpu, "_cpus", lambda: 2)
+    monkeypatch.setattr(cpu, "default_threads", lambda: 2)
+    cpu._state["look"] = None          # no look from before the fake clock
 
 
 @pytest.mark.parametrize("others, want", [(0.0, 2), (1.0, 1), (2.0, 1)])
 def test_the_choice_is_made_at_the_first_computation_and_kept(monkeypatch, unfixed, others, want):
     applied = []
-    monkeypatch.setattr(threads, "_apply", applied.append)
+    monkeypatch.setattr(cpu, "_apply", applied.append)
     fake_machine(monkeypatch, others)
-    threads.on_load()
-    threads.settle()
-    threads.settle()                       # kept: no second look, no second count
+    cpu.on_load()
+    cpu.settle()
+    cpu.settle()                       # kept: no second look, no second count
     assert applied == [want]
     fake_machine(monkeypatch, 2.0 - others)
-    threads.on_load()                      # a new load chooses again
-    threads.settle()
-    assert applied == [want, threads.threads_for(2.0 - others, 2, 2)]
+    cpu.on_load()                      # a new load chooses again
+    cpu.settle()
+    assert applied == [want, cpu.threads_for(2.0 - others, 2, 2)]
 
 
 def test_fixed_counts_win_and_none_chooses_again(monkeypatch, unfixed):
     applied = []
-    monkeypatch.setattr(threads, "_apply", applied.append)
+    monkeypatch.setattr(cpu, "_apply", applied.append)
     fake_machine(monkeypatch, 2.0)
     monkeypatch.setenv("NPVLM_THREADS", "2")
-    threads.on_load()
-    threads.settle()
+    cpu.on_load()
+    cpu.settle()
     assert applied == [2]                  # the environment's count, not the load's
     monkeypatch.delenv("NPVLM_THREADS")
-    threads.set_threads(2)
-    threads.on_load()
-    threads.settle()
+    cpu.set_threads(2)
+    cpu.on_load()
+    cpu.settle()
     assert applied == [2, 2]               # set_threads stays through loads
-    threads.set_threads(None)
-    threads.settle()
+    cpu.set_threads(None)
+    cpu.settle()
     assert applied == [2, 2, 1]            # None: chosen from the (busy) machine
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_set_threads_refuses_what_is_no_count(bad):
     with pytest.raises(InputError, match="threads must be an integer >= 1"):
-        threads.set_threads(bad)
+        cpu.set_threads(bad)
 
 
 def test_set_threads_sets_blas(unfixed):
-    threads.set_threads(1)
-    assert threads.blas_threads() == 1
-    threads.set_threads(threads.default_threads())
-    assert threads.blas_threads() == threads.default_threads()
+    cpu.set_threads(1)
+    assert cpu.blas_threads() == 1
+    cpu.set_threads(cpu.default_threads())
+    assert cpu.blas_threads() == cpu.default_threads()
 
 
 def run_py(code, env=None, timeout=120):
@@ -113,7 +114,7 @@ def run_py(code, env=None, timeout=120):
 
 
 CHOSEN = ("import npvlm\nfrom npvlm.demo import SAMPLE_SCENE\n"
-          "from npvlm.threads import blas_threads, default_threads\n"
+          "from npvlm.cpu import blas_threads, default_threads\n"
           "npvlm.load('demo').generate(SAMPLE_SCENE, 'caption en')\nprint(blas_threads(), default_threads())")
 
 
@@ -162,8 +163,42 @@ def test_a_resumed_fine_tune_keeps_the_saved_runs_thread_count(tmp_path, capfd, 
     assert finetune.run(finetune.parse_args([*common, "--threads", "1"]),
                         on_step=lambda entry: entry["step"] == 1) == 0
     assert json.loads((tmp_path / "o.work" / "state.json").read_text())["blas_threads"] == 1
-    threads.set_threads(None)                      # a new process: nothing fixed
+    cpu.set_threads(None)                      # a new process: nothing fixed
     capfd.readouterr()
     assert finetune.main([*common, "--resume"]) == 0
     assert ", 1 BLAS thread\n" in capfd.readouterr().err
     assert json.loads((tmp_path / "o" / "npvlm_finetune.json").read_text())["blas_threads"] == 1
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from npvlm import cpu
+kept = cpu.keep_freed_memory() if sys.argv[1] == "keep" else None
+def cycle():                          # what a prefill does: big temporaries made, then all freed
+    temporaries = [np.ones(5_000_000, np.float32) for _ in range(3)]       # 20 MB each
+    del temporaries
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(cpu._libc_name() != "glibc", reason="the allocator's thresholds are glibc's")
+def test_freed_temporaries_are_reused_not_faulted_in_again():
+    """glibc alone returns part of the freed 60 MB to the kernel and faults it in again (~5,000
+    pages over 5 cycles here, glibc 2.36); with npvlm's thresholds there is no page fault."""
+    kept, faults = run_py(FAULTS.replace("sys.argv[1]", "'keep'")).stdout.split()
+    alone = run_py(FAULTS.replace("sys.argv[1]", "'no'")).stdout.split()
+    print(f"page faults over 5 cycles: {faults} kept, {alone[1]} with glibc's own thresholds")
+    assert kept == "True" and int(faults) < 100 and int(alone[1]) > 1_000
+
+
+@pytest.mark.skipif(cpu._libc_name() != "glibc", reason="the allocator's thresholds are glibc's")
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
+def test_the_users_own_malloc_thresholds_are_left_alone(env):
+    r = run_py(FAULTS.replace("sys.argv[1]", "'keep'"), env)
+    assert r.stdout.split()[0] == "False", r.stdout + r.stderr
