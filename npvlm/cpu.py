@@ -26,12 +26,13 @@ Linux only: elsewhere, and on the GPU backend, BLAS keeps its own default. The c
 through threadpoolctl, for whichever BLAS NumPy was built with.
 
 The allocator (keep_freed_memory, at the first load or computation): a prefill makes and frees
-hundreds of MB of temporaries ([268, 16384] GELU inputs, attention scores, ...). glibc returns
-freed memory at the top of its heap to the kernel once more than twice its (dynamic, at most
-32 MB) mmap threshold is free, and the next prefill faults every page in again, zeroed: 54,000
-page faults (212 MB) per 3B prefill. Fixing the mmap threshold at glibc's own ceiling (32 MB)
-and the trim threshold at 256 MB keeps that memory in the process: no page faults, the 3B
-prefill 5% faster and a mid-size one 15% (docs/performance.md, "Page faults"). glibc only, and
+hundreds of MB of temporaries ([268, 16384] MLP activations, attention scores, each linear
+layer's output). glibc returns freed memory at the top of its heap to the kernel once more than
+twice its (dynamic, at most 32 MB) mmap threshold is free, and the next arrays fault it in again,
+zeroed: ~46,000 page faults (~190 MB) per 3B prefill. Fixing the mmap threshold at glibc's own
+ceiling (32 MB) and the trim threshold at 256 MB keeps that memory in the process: no page
+faults, a 3B prefill 3% faster, a mid-size one 9%, a training step 17%, the same peak RSS
+(docs/performance.md, "Page faults, and the prefill against its own products"). glibc only, and
 not where the user set glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or their
 GLIBC_TUNABLES.
 """
