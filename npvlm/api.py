@@ -42,6 +42,7 @@ class PaliGemma:
         self.load_s = load_s
         # "bf16" when the matrices are kept in bfloat16 (npvlm.load(..., weights="bf16"))
         self.weights = "bf16" if isinstance(params["text"]["embed_tokens"]["weight"], BF16Matrix) else "fp32"
+        self._threads = cpu.FIRST            # BLAS's count, chosen at the first computation (cpu.settle)
 
     @property
     def backend(self):
@@ -60,11 +61,14 @@ class PaliGemma:
 
     # ---- array level: token ids in, logits out (the only host -> device step for inputs) -----
 
-    def _settle_threads(self):
-        """Before the first computation on the CPU: BLAS's thread count from the machine's load
-        (npvlm/cpu.py)."""
-        if self.xp is np:
-            cpu.settle()
+    def settle_threads(self):
+        """On the CPU: apply this model's BLAS thread count, chosen from the machine's load at its
+        first computation and kept (npvlm/cpu.py; npvlm.set_threads fixes it) -> the count now
+        (None on the GPU, or where no BLAS can be set). Every computation calls it."""
+        if self.xp is not np:
+            return None
+        self._threads = cpu.settle(self._threads)
+        return cpu.blas_threads()
 
     def _ids(self, ids):
         """Token ids checked on the host, then moved to the device."""
@@ -83,7 +87,7 @@ class PaliGemma:
         if unknown:
             raise InputError(f"unknown batch key(s) {', '.join(map(repr, unknown))}; a batch holds "
                              f"{', '.join(self.BATCH_KEYS)}")
-        self._settle_threads()
+        self.settle_threads()
         ids = np.asarray(to_host(batch["input_ids"]))
         check_token_ids(ids, self.cfg)
         check_images(ids, batch.get("pixel_values"), batch.get("image_tokens"), self.cfg)
@@ -104,7 +108,7 @@ class PaliGemma:
     def encode_images(self, pixel_values, trace=None):
         """float32[B, 3, R, R] -> image tokens [B, N, D] on the device."""
         check_pixel_values(pixel_values, self.cfg)
-        self._settle_threads()
+        self.settle_threads()
         return paligemma.encode_images(self.xp.asarray(pixel_values, dtype=self.xp.float32),
                                        self.params, self.cfg, trace=trace)
 
@@ -224,7 +228,7 @@ def load(path, backend="numpy", weights="fp32"):
     path = check_model_dir(path)
     xp = get_backend(backend)          # fail before reading gigabytes if the backend is unusable
     if xp is np:
-        cpu.on_load()              # NPVLM_THREADS, or a look at the machine's load begins
+        cpu.on_load()              # NPVLM_THREADS checked; a look at the machine's load begins
     cfg = load_config(path)
     processor = None
     if (path / "tokenizer.model").is_file():

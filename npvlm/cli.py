@@ -156,11 +156,15 @@ def write_stdout(text):
 def run(args):
     folder, image = check_before_load(args)
     vae = load_vae(args.vae) if args.vae else None
+    if args.threads is not None and cpu.more_than_cores(args.threads):
+        print(f"note: --threads {args.threads}: {cpu.more_than_cores(args.threads)}", file=sys.stderr)
+    with cpu.threads_fixed(args.threads):    # an in-process run leaves the session's setting as it was
+        return answer(args, folder, image, vae)
 
+
+def answer(args, folder, image, vae):
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.backend})", file=sys.stderr)
-    if args.threads is not None:
-        cpu.set_threads(args.threads)
     model = load(folder, backend=args.backend, weights=args.weights)
     print(f"loaded in {time.perf_counter() - t0:.2f} s: {model}", file=sys.stderr)
 

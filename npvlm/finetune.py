@@ -127,14 +127,22 @@ def check_saved_state(work, args):
 
 
 def choose_threads(args, meta):
-    """BLAS's threads for the run: --threads, else NPVLM_THREADS, else (--resume) the count the
-    saved run used, so the resumed run rounds as an uninterrupted one would; else chosen from the
+    """BLAS's threads for the run -> (count or None, a note or None): --threads, else
+    NPVLM_THREADS, else (--resume) the count the saved run used, so the resumed run rounds as an
+    uninterrupted one would (at most the cores this process may use); None: chosen from the
     machine's load when the model first computes (npvlm/cpu.py)."""
     n = args.threads or cpu.from_environment()
-    if n is None and args.resume and meta is not None and meta["blas_threads"] is not None:
-        n = meta["blas_threads"]
     if n is not None:
-        cpu.set_threads(n)
+        return n, cpu.more_than_cores(n)
+    saved = meta["blas_threads"] if args.resume and meta is not None else None
+    if saved is None:
+        return None, None
+    cores = cpu.usable_cores()
+    if saved > cores:
+        return cores, (f"the saved run used {saved} BLAS threads, more than the {cores} core(s) this process may "
+                       f"use; resuming at {cores}, so the result may differ from an uninterrupted run in the "
+                       "last bits")
+    return saved, None
 
 
 def train_config(args):
@@ -152,9 +160,15 @@ def run(args, on_step=None):
     meta = check_saved_state(work, args)
     examples = read_jsonl(args.data)
     val = read_jsonl(args.val) if args.val else []
+    n, note = choose_threads(args, meta) if args.backend == "numpy" else (None, None)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    with cpu.threads_fixed(n):              # an in-process run leaves the session's setting as it was
+        return train_and_export(args, source, out, work, examples, val, on_step)
+
+
+def train_and_export(args, source, out, work, examples, val, on_step):
     print(f"loading {args.model}", file=sys.stderr)
-    if args.backend == "numpy":
-        choose_threads(args, meta)
     model = load(source, backend=args.backend, weights=args.weights)
     check_lengths(examples + val, model.processor, model.cfg, args.max_len)
     if args.train == "lora":
@@ -165,9 +179,7 @@ def run(args, on_step=None):
     params = model.params = with_fp32_masters(model.params, args.train)
     config = train_config(args)
     trained = sum(int(np.prod(a.shape)) for a in trained_arrays(params, args.train).values())
-    if args.backend == "numpy":
-        cpu.settle()
-    n = cpu.blas_threads() if args.backend == "numpy" else None
+    n = model.settle_threads()               # chosen now, kept for the run (and saved with its state)
     blas = "" if n is None else f", {n} BLAS thread{'s' if n != 1 else ''}"
     print(f"{len(examples)} examples, {config.total_steps(len(examples))} steps of "
           f"{args.batch_size * args.grad_accum}, training {args.train} ({trained:,} parameters), "
@@ -181,9 +193,7 @@ def run(args, on_step=None):
         print(f"stopped after step {log[-1]['step']}; state in {work} (--resume to continue)", file=sys.stderr)
         return 0
     save_checkpoint(params, source, out, args.save_dtype)
-    record = {"options": vars(args), "log": log}
-    if args.backend == "numpy":
-        record["blas_threads"] = cpu.blas_threads()
+    record = {"options": vars(args), "log": log, "blas_threads": n}
     write_text_atomic(out / "npvlm_finetune.json", json.dumps(record, indent=1, default=str) + "\n")
     state = f"; removed its training state from {work}" if discard_state(work) else ""
     print(f"wrote {out} (final loss {log[-1]['loss']:.4f}){state}", file=sys.stderr)

@@ -2,6 +2,8 @@
 backends (every test that takes `xp` runs on NumPy and, where a GPU is usable, CuPy), the
 optional reference stack, and the robustness tables' base model and run.py results."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -23,10 +25,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def fixed_blas_threads():
-    """The suite runs at BLAS's own thread count, fixed: its bit-for-bit comparisons (with other
-    processes' results too) must not depend on what the machine does at the moment, as npvlm's
-    choice from the load would (npvlm/cpu.py; tested in tests/test_cpu.py)."""
-    cpu.set_threads(cpu.default_threads())
+    """The suite runs at BLAS's own thread count, fixed, in this process and (NPVLM_THREADS) in
+    the programs and notebooks it starts: its bit-for-bit comparisons, with other processes'
+    results too, must not depend on what the machine does at the moment, as npvlm's choice from
+    the load would (npvlm/cpu.py; that choice is tested in tests/test_cpu.py)."""
+    n = cpu.default_threads()
+    os.environ["NPVLM_THREADS"] = str(n)
+    cpu.set_threads(n)
 
 
 @pytest.fixture(scope="session", params=GOLDEN_MODELS)

@@ -116,7 +116,7 @@ def loss_and_grads(batch, params, cfg, train="all", reduction="example", *, trac
     trained tensors only). trace: the forward's stage outputs and the gradients arriving at them
     ("grad." + stage name), host copies."""
     if array_module(batch["input_ids"]) is np:
-        cpu.settle()                      # BLAS's threads from the load, once per loaded model
+        cpu.settle()                      # BLAS's threads: the latest model's choice (made now if none)
     saved = save_plan(params, train)
     loss = forward_loss(batch, params, cfg, reduction, save=saved, trace=trace)
     grads = backward(saved, params, cfg, trace=trace)

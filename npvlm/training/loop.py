@@ -148,6 +148,8 @@ def state_meta(work):
         meta = json.loads(path.read_text(encoding="utf-8"))
         meta = {"step": int(meta["step"]), "options": dict(meta["options"]), "log": list(meta["log"]),
                 "blas_threads": None if meta.get("blas_threads") is None else int(meta["blas_threads"])}
+        if meta["blas_threads"] is not None and meta["blas_threads"] < 1:
+            raise ValueError("blas_threads")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: the saved training state is damaged ({type(e).__name__}); {RESTART}") from None
     return meta
