@@ -148,6 +148,15 @@ class PaliGemma:
         return gen.generate(self, images, prompts, max_new_tokens,
                             SamplingOptions(temperature, top_k, top_p, seed), stop, stream)
 
+    def explain(self, image, prompt, max_new_tokens=32, answer=None, top_k=5):
+        """Why the model answers `prompt` about `image` as it does (greedy, up to max_new_tokens),
+        or why it would give `answer` (forced, with <eos>): for every answer token its
+        log-probability, attention on the image by layer and head, gradient with respect to the
+        pixels and the logit lens with the top_k tokens per layer (npvlm/explain,
+        docs/interpretability.md). One image, one prompt. -> Explanation"""
+        from .explain.attribute import explain  # noqa: PLC0415 (imported when first used)
+        return explain(self, image, prompt, max_new_tokens, answer, top_k)
+
     def __repr__(self):
         v, t = self.cfg.vision, self.cfg.text
         return (f"PaliGemma({t.model_type}, image {v.image_size}px -> {v.num_patches} tokens, "

@@ -26,8 +26,10 @@ GOLDEN_FORMAT_VERSION = 1
 # the gradient goldens are keyed by npvlm's tree paths; 2: "vision.position_embedding.weight"
 # (the position table became a module, as in HF, instead of a bare array)
 GRAD_FORMAT_VERSION = 2
+EXPLAIN_FORMAT_VERSION = 1
 REGENERATE = "python tests/make_goldens.py  (needs: pip install -e '.[reference]')"
 REGENERATE_GRADS = "python tests/make_grad_goldens.py  (needs: pip install -e '.[reference]')"
+REGENERATE_EXPLAIN = "python tests/make_explain_goldens.py  (needs: pip install -e '.[reference]')"
 GOLDEN_MODELS = ("pg1_mqa_hub", "pg1_gqa_v5", "pg2_gqa_hub", "pg2_gqa_v5")
 FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]   # parametrize ids for `backend`

@@ -130,3 +130,22 @@ def test_finetune_command_on_the_cupy_backend(tmp_path, monkeypatch, train):
     want, got = (host(npvlm.load(tmp_path / d).params) for d in ("cpu", "gpu"))
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_explanations_equal_numpy(pair):
+    """PaliGemma.explain's computation on the device: the same explanation as on the CPU."""
+    from npvlm.explain.attribute import explain_tokens
+    cpu, dev, batch = pair
+    prompt = {"input_ids": batch["input_ids"][-1:, -6:], "attention_mask": np.ones((1, 6), np.int64),
+              "pixel_values": batch["pixel_values"][-1:]}
+    prompt["input_ids"] = np.concatenate([np.full((1, cpu.cfg.num_image_tokens), cpu.cfg.image_token_index),
+                                          prompt["input_ids"]], axis=1)
+    prompt["attention_mask"] = np.ones_like(prompt["input_ids"])
+    tokens = [5, 7, 1]
+    want = explain_tokens(cpu.device_batch(prompt), tokens, cpu.params, cpu.cfg)
+    got = explain_tokens(dev.device_batch(prompt), tokens, dev.params, dev.cfg)
+    for name in ("logprobs", "image_attention", "pixel_grads", "logit_lens", "lens_top_ids", "lens_rank",
+                 "pixel_values"):
+        value = getattr(got, name)
+        assert type(value) is np.ndarray, name                    # host arrays, as documented
+        np.testing.assert_array_equal(value, getattr(want, name), err_msg=name)
