@@ -89,7 +89,9 @@ def reference(model, prompt, answer, pixels, image_token_index):
         mine = lens_logp.gather(-1, target[:, None, None].expand(n, r.shape[1], 1))[..., 0]
         top = lens_logp.topk(TOP_K, dim=-1)
         rank = (lens_logp > mine[..., None]).sum(-1)
-    f32 = lambda t: t.detach().to(torch.float32).numpy().copy()        # noqa: E731
+    def f32(t):
+        return t.detach().to(torch.float32).numpy().copy()
+
     return {"logprobs": f32(logprobs), "image_attention": f32(attention), "pixel_grads": f32(torch.stack(grads)),
             "logit_lens": f32(mine), "lens_top_ids": top.indices.numpy().astype(np.int64),
             "lens_top_logprobs": f32(top.values), "lens_rank": rank.numpy().astype(np.int64)}
