@@ -26,7 +26,7 @@ from .generation.generate import check_generation_args
 from .generation.sampling import SamplingOptions
 from .inputs.image import load_image
 from .inputs.processor import Processor
-from .saving.atomic import check_writable, image_format, save_image_atomic
+from .saving.atomic import check_new_folder, check_writable, image_format, save_image_atomic
 from .tasks.draw import draw_objects
 from .tasks.segmentation import load_vae, object_masks
 
@@ -64,6 +64,11 @@ def build_parser():
     parser.add_argument("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
                    help="map <locNNNN> bins to pixels as bin/1024*size (public demo) or bin/1023 "
                         "(big_vision)")
+    parser.add_argument("--explain", metavar="REPORT.html", help="also write a page that shows why the "
+                   "model gave each answer token: heatmaps on the image (gradients, attention by layer "
+                   "and head), the tokens' probabilities, the logit lens (docs/interpretability.md)")
+    parser.add_argument("--explain-dir", metavar="DIR", help="also write the explanation's maps as PNG "
+                   "files (one per answer token and map kind) and explanation.json into DIR, a new folder")
     parser.add_argument("--threads", type=int, metavar="N", help="BLAS threads on the CPU (default: "
                    "all cores on a quiet machine, fewer on a busy one; NPVLM_THREADS=N too)")
     parser.add_argument("--allow-huge-image", action="store_true",
@@ -109,6 +114,10 @@ def check_before_load(args):
     if args.draw:
         check_writable(args.draw, inputs=[image_path])
         image_format(args.draw)
+    if args.explain:
+        check_writable(args.explain, inputs=[image_path, args.draw])
+    if args.explain_dir:
+        check_new_folder(args.explain_dir)
     image = load_image(image_path, allow_huge=args.allow_huge_image)
     get_backend(args.backend)
     folder = check_model_dir(args.model)
@@ -193,6 +202,8 @@ def answer(args, folder, image, vae):
     if args.draw:
         save_image_atomic(draw_objects(image, found.objects, masks), args.draw)
         print(f"drew {len(found.objects)} object(s) to {args.draw}", file=sys.stderr)
+    if args.explain or args.explain_dir:
+        explain_answer(args, model, image, result)
     if args.json:
         write_stdout(json.dumps({"text": result.text, "tokens": result.tokens,
                                  "finish_reason": result.finish_reason, "timings": result.timings,
@@ -202,6 +213,21 @@ def answer(args, folder, image, vae):
     elif not args.stream:
         write_stdout(result.text + "\n")
     return 0
+
+
+def explain_answer(args, model, image, result):
+    """--explain / --explain-dir: why the model gave the answer it just gave (its tokens, as
+    generated, sampled ones too), written as a page and/or PNG maps."""
+    from .explain.report import write_maps, write_report  # noqa: PLC0415 (only with --explain)
+    t0 = time.perf_counter()
+    exp = model.explain(image, args.prompt, answer=result.tokens)
+    if args.explain:
+        write_report(exp, model.processor.tokenizer, args.explain, model_name=args.model)
+        print(f"explained {len(exp.tokens)} answer token(s) in {time.perf_counter() - t0:.2f} s: {args.explain}",
+              file=sys.stderr)
+    if args.explain_dir:
+        write_maps(exp, args.explain_dir)
+        print(f"wrote the maps of {len(exp.tokens)} answer token(s) to {args.explain_dir}", file=sys.stderr)
 
 
 def main(argv=None):

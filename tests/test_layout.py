@@ -45,12 +45,12 @@ ARROWS = {
     "saving": {"loading"},
     "tasks": {"model"},
     "generation": {"inputs", "tasks"},
-    "explain": {"model", "inputs"},
+    "explain": {"model", "inputs", "tasks", "saving"},
     "api": {"model", "inputs", "loading", "generation", "explain"},
     "demo": {"tasks", "saving", "api"},
     "training": {"model", "inputs", "loading", "saving", "demo"},
     "parity": set(),
-    "commands": {"model", "inputs", "saving", "tasks", "generation", "api", "demo", "training"},
+    "commands": {"model", "inputs", "saving", "tasks", "generation", "api", "demo", "training", "explain"},
     "package": set(),                  # __init__.py imports its public names lazily, on first use
 }
 MODULES = sorted(PACKAGE.rglob("*.py"))

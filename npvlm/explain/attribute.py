@@ -183,19 +183,27 @@ def logit_lens(trace, positions, tokens, text, cfg, top_k):
 
 def explain(model, image, prompt, max_new_tokens=32, answer=None, top_k=5):
     """`PaliGemma.explain`: explain the model's greedy answer to `prompt` about `image` (one image:
-    a path, URL, PIL image or array), or the given `answer` (its tokens forced, <eos> appended,
-    as a training suffix), so a user can ask why the model did not say something. -> Explanation"""
+    a path, URL, PIL image or array), or a given `answer`, so a user can ask why the model did
+    not say something: a string (tokenized as a training suffix, <eos> appended) or a list of
+    token ids (used as they are, e.g. a sampled answer's). -> Explanation"""
     if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
         raise InputError("explain takes one image and one prompt string (a batch of one)")
-    if answer is not None and (not isinstance(answer, str) or not answer):
-        raise InputError(f"answer must be a non-empty string (or None: the model's own answer), got {answer!r}")
+    ids_given = isinstance(answer, (list, tuple, np.ndarray)) and len(answer) > 0 and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in answer)
+    if answer is not None and not ids_given and (not isinstance(answer, str) or not answer):
+        raise InputError("answer must be a non-empty string or list of token ids (or None: the model's "
+                         f"own answer), got {answer!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
     image = load_image(image)
     processor = model.processor
-    if answer is None:
-        tokens = model.generate(image, prompt, max_new_tokens=max_new_tokens).tokens
+    if answer is None or ids_given:
+        tokens = ([int(t) for t in answer] if ids_given
+                  else model.generate(image, prompt, max_new_tokens=max_new_tokens).tokens)
         inputs = processor([image], [prompt])
+        vocab = model.cfg.text.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InputError(f"answer token ids must lie in [0, {vocab}), got {tokens}")
     else:
         inputs = processor([image], [prompt], [answer])
         suffix = inputs["token_type_ids"][0] == 1

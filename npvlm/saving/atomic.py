@@ -32,6 +32,20 @@ def check_writable(path, inputs=()):
     return path
 
 
+def check_new_folder(path):
+    """Refuse, before any work, an output folder that exists with something in it (nothing the
+    user owns is overwritten) or whose parent cannot be written."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{path}: exists and is not an empty folder; choose a new folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{path}: folder {parent} is not writable; choose another folder")
+    return path
+
+
 def image_format(path):
     """The Pillow format name for an output file's extension (.png -> "PNG"); InputError if none."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
