@@ -47,7 +47,7 @@ ARROWS = {
     "generation": {"inputs", "tasks"},
     "explain": {"model", "inputs", "tasks", "saving"},
     "api": {"model", "inputs", "loading", "generation", "explain"},
-    "demo": {"tasks", "saving", "api"},
+    "demo": {"model", "tasks", "saving", "api"},
     "training": {"model", "inputs", "loading", "saving", "demo"},
     "parity": set(),
     "commands": {"model", "inputs", "saving", "tasks", "generation", "api", "demo", "training", "explain"},

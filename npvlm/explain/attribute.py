@@ -124,14 +124,17 @@ def explain_tokens(batch, tokens, params, cfg, top_k=5):
     h = decoder(h, text["layers"], cfg.text, rope, masks, trace=trace, save=st)
     normed = final_norm(h, text["norm"], cfg.text, save=sub(st, "norm"))
     logits = lm_head(normed[0, rows], text["embed_tokens"], cfg.text, save=sub(st, "lm_head"))   # [n, V]
-    logp = log_softmax(logits)
+    logp = log_softmax(logits.astype(xp.float64))             # fp64: a confident token's log p is ~ -1e-7
     target = xp.asarray(np.asarray(tokens, np.int64))
     logprobs = logp[xp.arange(n), target]
 
-    # backward, one answer token at a time: d logprob_i / d logits_i = onehot - softmax
+    # backward, one answer token at a time: d logprob_i / d logits_i = onehot - softmax, with
+    # 1 - p(token) summed from the other tokens' probabilities (1 - p loses every digit in fp32
+    # when p rounds to 1)
     d_logits = -xp.exp(logp)
-    d_logits[xp.arange(n), target] += 1.0
-    d_rows, _ = lm_head_backward(d_logits.astype(logits.dtype, copy=False), st["lm_head"], text["embed_tokens"],
+    d_logits[xp.arange(n), target] = 0.0
+    d_logits[xp.arange(n), target] = -d_logits.sum(axis=-1)
+    d_rows, _ = lm_head_backward(d_logits.astype(logits.dtype), st["lm_head"], text["embed_tokens"],
                                  cfg.text)                                             # [n, D]: row i for token i
     grads = []
     for i in range(n):
@@ -163,20 +166,30 @@ def residual_stream(trace, L):
 
 def logit_lens(trace, positions, tokens, text, cfg, top_k):
     """Read each residual r_l at the answer positions through the final norm and the tied
-    lm_head (softcapped for Gemma 2): -> (log p(token_i) [n, L + 1], the top-k ids and their
-    log-probabilities [n, L + 1, k], token i's rank [n, L + 1])."""
+    lm_head (softcapped for Gemma 2), log-softmax in fp64: -> (log p(token_i) [n, L + 1], the
+    top-k ids and their log-probabilities [n, L + 1, k], token i's rank [n, L + 1])."""
     xp = array_module(text["norm"]["weight"])
-    stream = residual_stream(trace, cfg.text.num_hidden_layers)
-    r = xp.asarray(np.stack([s[0, positions] for s in stream], axis=1))               # [n, L + 1, D]
-    logp = log_softmax(lm_head(final_norm(r, text["norm"], cfg.text), text["embed_tokens"], cfg.text))
-    target = xp.asarray(np.asarray(tokens, np.int64))[:, None, None]
-    mine = xp.take_along_axis(logp, target, axis=-1)[..., 0]                           # [n, L + 1]
-    rank = (logp > mine[..., None]).sum(axis=-1)
-    k = min(top_k, logp.shape[-1])
-    top = xp.argsort(-logp, axis=-1)[..., :k]
-    return (np.asarray(to_host(mine), np.float32), np.asarray(to_host(top), np.int64),
-            np.asarray(to_host(xp.take_along_axis(logp, top, axis=-1)), np.float32),
-            np.asarray(to_host(rank), np.int64))
+    target = xp.asarray(np.asarray(tokens, np.int64))[:, None]
+    mine, top_ids, top_logp, rank = [], [], [], []
+    for r in residual_stream(trace, cfg.text.num_hidden_layers):                      # one layer at a time:
+        z = lm_head(final_norm(xp.asarray(r[0, positions]), text["norm"], cfg.text),   # [n, V] in memory
+                    text["embed_tokens"], cfg.text)
+        logp = log_softmax(z.astype(xp.float64))
+        own = xp.take_along_axis(logp, target, axis=-1)                                # [n, 1]
+        k = min(top_k, logp.shape[-1])
+        top = xp.argpartition(-logp, k - 1, axis=-1)[:, :k]
+        top = xp.take_along_axis(top, xp.argsort(-xp.take_along_axis(logp, top, axis=-1), axis=-1), axis=-1)
+        mine.append(to_host(own[:, 0]))
+        rank.append(to_host((logp > own).sum(axis=-1)))
+        top_ids.append(to_host(top))
+        top_logp.append(to_host(xp.take_along_axis(logp, top, axis=-1)))
+    return (_by_layer(mine, np.float32), _by_layer(top_ids, np.int64), _by_layer(top_logp, np.float32),
+            _by_layer(rank, np.int64))
+
+
+def _by_layer(parts, dtype):
+    """L + 1 host arrays [n, ...] -> [n, L + 1, ...]"""
+    return np.stack([np.asarray(p) for p in parts], axis=1).astype(dtype)
 
 
 # ---- from an image and a prompt (PaliGemma.explain) -------------------------------------------
