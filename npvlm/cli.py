@@ -12,6 +12,7 @@ shows the traceback. A closed stdout (`| head`) ends the program quietly.
 import json
 import sys
 import time
+from pathlib import Path
 
 from . import cpu
 from .api import check_model_dir, check_weights_option, load
@@ -111,22 +112,45 @@ def check_before_load(args):
     check_weights_option(args.weights, args.backend)
     check_threads_option(args.threads)
     image_path = SAMPLE_SCENE if args.image is None else args.image
-    if args.draw:
-        check_writable(args.draw, inputs=[image_path])
-        image_format(args.draw)
-    if args.explain:
-        check_writable(args.explain, inputs=[image_path, args.draw])
-    if args.explain_dir:
-        check_new_folder(args.explain_dir)
+    for flag, value in (("--draw", args.draw), ("--explain", args.explain), ("--explain-dir", args.explain_dir)):
+        if value is not None and not value.strip():
+            raise InputError(f"{flag} needs a path, got an empty string")
     image = load_image(image_path, allow_huge=args.allow_huge_image)
     get_backend(args.backend)
     folder = check_model_dir(args.model)
+    check_outputs(args, image_path, folder)
     cfg = load_config(folder)
     # the prompt's exact length, from the tokenizer (cheap), against the model's positions
     tokenizer = Processor.from_model_dir(folder, cfg).tokenizer
     prompt_len = len(tokenizer.prompt_ids(args.prompt, cfg.num_image_tokens)[0])
     check_generation_args(cfg, prompt_len, args.max_new_tokens)
     return folder, image
+
+
+def check_outputs(args, image_path, folder):
+    """The output paths, before any work: no two the same place or one inside another, none
+    inside the model folder, each writable and never an input (the image, the VAE file)."""
+    outputs = [(flag, Path(value).resolve()) for flag, value in
+               (("--draw", args.draw), ("--explain", args.explain), ("--explain-dir", args.explain_dir)) if value]
+    for i, (flag_a, a) in enumerate(outputs):
+        for flag_b, b in outputs[i + 1:]:
+            if a == b or a in b.parents or b in a.parents:
+                raise InputError(f"{flag_a} and {flag_b} both write to {min(a, b, key=lambda p: len(p.parts))}; "
+                                 "give each its own path")
+    model_dir = Path(folder).resolve()
+    for flag, path in outputs:
+        if path == model_dir or model_dir in path.parents:
+            raise InputError(f"{flag} {path}: is inside the model folder {folder}; write outputs elsewhere")
+    inputs = [image_path if not str(image_path).startswith(("http://", "https://")) else None, args.vae]
+    if args.draw:
+        check_writable(args.draw, inputs=inputs)
+        image_format(args.draw)
+    if args.explain:
+        if Path(args.explain).suffix.lower() not in (".html", ".htm"):
+            raise InputError(f"{args.explain}: the explanation is a web page; give a file name ending in .html")
+        check_writable(args.explain, inputs=inputs)
+    if args.explain_dir:
+        check_new_folder(args.explain_dir)
 
 
 def notes(args, folder, result):
@@ -202,8 +226,6 @@ def answer(args, folder, image, vae):
     if args.draw:
         save_image_atomic(draw_objects(image, found.objects, masks), args.draw)
         print(f"drew {len(found.objects)} object(s) to {args.draw}", file=sys.stderr)
-    if args.explain or args.explain_dir:
-        explain_answer(args, model, image, result)
     if args.json:
         write_stdout(json.dumps({"text": result.text, "tokens": result.tokens,
                                  "finish_reason": result.finish_reason, "timings": result.timings,
@@ -212,6 +234,8 @@ def answer(args, folder, image, vae):
                                                for bad in found.problems]}) + "\n")
     elif not args.stream:
         write_stdout(result.text + "\n")
+    if args.explain or args.explain_dir:          # after the answer is out
+        explain_answer(args, model, image, result)
     return 0
 
 
@@ -222,7 +246,7 @@ def explain_answer(args, model, image, result):
     t0 = time.perf_counter()
     exp = model.explain(image, args.prompt, answer=result.tokens)
     if args.explain:
-        write_report(exp, model.processor.tokenizer, args.explain, model_name=args.model)
+        write_report(exp, model.processor.tokenizer, args.explain, model_name=args.model, divisor=args.loc_divisor)
         print(f"explained {len(exp.tokens)} answer token(s) in {time.perf_counter() - t0:.2f} s: {args.explain}",
               file=sys.stderr)
     if args.explain_dir:

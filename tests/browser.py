@@ -138,6 +138,17 @@ class Browser:
             raise RuntimeError(result["exceptionDetails"].get("exception", {}).get("description"))
         return result["result"].get("value")
 
+    def wait_until(self, expression, timeout=10):
+        """Poll a JavaScript expression until it is truthy; -> its value (TimeoutError after timeout s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still false after {timeout} s: {expression}")
+            time.sleep(0.05)
+
     def click(self, selector):
         """A real mouse click (press and release) at the centre of the element."""
         box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"

@@ -76,8 +76,13 @@ def reference(model, prompt, answer, pixels, image_token_index):
     logprobs = logp[torch.arange(n), target]
     grads = [torch.autograd.grad(logprobs[i], pix, retain_graph=True)[0][0] for i in range(n)]
     image = np.flatnonzero(prompt[0] == image_token_index)
-    attention = torch.stack([attn[l][0][:, positions][:, :, image].transpose(0, 1)
-                             for l in range(len(lm.layers))], dim=1)                  # [n, L, Hq, N]
+    L, H = len(lm.layers), attn[0].shape[1]
+    for l in range(L):                  # [1, Hq, queries, keys]: each query's row is a distribution over keys
+        sums = attn[l][0].sum(-1)        # (HF's eager softmax runs in fp32 even in a float64 model)
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+    # entry by entry, written out (not the indexing npvlm uses): [token i, layer l, head h, image position j]
+    attention = torch.tensor([[[[float(attn[l][0, h, positions[i], j]) for j in image] for h in range(H)]
+                               for l in range(L)] for i in range(n)], dtype=torch.float64)
 
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     with torch.no_grad():

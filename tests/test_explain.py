@@ -78,6 +78,9 @@ def test_explanations_match_transformers_and_autograd(name, backend):
     exp, ref = explain_golden(name, backend)
     assert exp.tokens == ref["tokens"].tolist()
     check(exp, ref, name)
+    model = npvlm.load(GOLDENS / name / "model")
+    full = [l for l in range(model.cfg.text.num_hidden_layers) if model.cfg.text.layer_type(l) == "full_attention"]
+    assert full and (exp.image_attention[:, full].sum(-1) > 0).all()        # unmasked layers do look
 
 
 @pytest.mark.live
@@ -174,6 +177,8 @@ def test_greedy_explanations_are_generates_answer(demo):
     assert exp.lens_top_ids[:, -1, 0].tolist() == exp.tokens and (exp.lens_rank[:, -1] == 0).all()
     np.testing.assert_allclose(exp.logit_lens[:, -1], exp.logprobs, rtol=0, atol=1e-5)
     assert (exp.image_attention >= 0).all() and (exp.image_attention.sum(-1) <= 1 + 1e-5).all()
+    # every answer token's query sees the whole prefix, so some of its attention is on the image
+    assert (exp.image_attention.sum(-1) > 0).all()
 
 
 def test_a_forced_answer_is_explained_as_given(demo):

@@ -24,8 +24,8 @@ kind ranks the 8 x 8 image patches for the whole answer a (its tokens, <eos> inc
   fraction of patches that do).
 
 And the prefix effect: PaliGemma's prefix (image + prompt) is attended bidirectionally, so the
-image tokens' decoder states depend on the prompt. For "caption en" against the color question
-on the same scene, per decoder layer, the relative change ||h_a - h_b|| / ||h_a|| of the image
+image tokens' decoder states depend on the prompt. For "caption en" against the scene's first
+question above (the color question, or the shape question where no shape is alone), per layer, the relative change ||h_a - h_b|| / ||h_a|| of the image
 positions' residual stream (0 at the embeddings; in a causal model with the image first, such
 as LLaVA, it would stay 0 at every layer).
 """
@@ -146,15 +146,15 @@ def measure(model, n_scenes=200, seed=EVAL_SEED):
             for (kind, f, _), lp in zip(keys, scored):
                 drops[kind][f].append((base - float(lp)) / (RANDOM_DRAWS if kind == "random" else 1))
             inside = patches_over(target.box, side, scene.size)
-            for kind in MAP_KINDS:
-                top = int(np.argmax(maps[kind][0] if kind == "random" else maps[kind]))
-                hits[kind] += top in inside
+            for kind in MAP_KINDS:                 # random: the mean over its draws
+                draws = maps[kind] if kind == "random" else [maps[kind]]
+                hits[kind] += np.mean([int(np.argmax(d)) in inside for d in draws])
             chance.append(len(inside) / side ** 2)
             asked += 1
         prefix.append(prefix_change(model, scene))
     return {"scenes": n_scenes, "questions": asked,
             "deletion": {k: {str(f): float(np.sum(v)) / asked for f, v in d.items()} for k, d in drops.items()},
-            "pointing": {k: hits[k] / asked for k in MAP_KINDS}, "pointing_chance": float(np.mean(chance)),
+            "pointing": {k: float(hits[k]) / asked for k in MAP_KINDS}, "pointing_chance": float(np.mean(chance)),
             "prefix_change": np.mean(prefix, axis=0).tolist()}
 
 

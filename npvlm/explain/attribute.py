@@ -47,7 +47,7 @@ from ..model.paligemma import (
     image_positions,
     merge_embeddings_backward,
 )
-from ..model.record import sub
+from ..model.record import attention_probs, sub
 from ..tree import flatten, unflatten
 
 
@@ -115,13 +115,14 @@ def explain_tokens(batch, tokens, params, cfg, top_k=5):
     positions = list(range(T0 - 1, T0 - 1 + n))                                        # p_i
     rows = xp.asarray(positions)
 
-    # forward: one pass, keeping what the input gradient needs; the residual stream and the
-    # decoder's attention maps traced (host copies)
-    save, trace = frozen_plan(params), {}
+    # forward: one pass, keeping what the input gradient needs. That is all the rest needs too:
+    # each layer's attention probabilities, and the residual stream as the RMSNorms' saved
+    # inputs (layer l's input norm keeps r_l, the final norm keeps r_L)
+    save = frozen_plan(params)
     text, st = params["text"], save["text"]
     image_tokens = encode_images(pixels, params, cfg, save=save)
-    h, rope, masks = decoder_inputs(seq, image_tokens, params, cfg, trace=trace, save=sub(st, "embed_tokens"))
-    h = decoder(h, text["layers"], cfg.text, rope, masks, trace=trace, save=st)
+    h, rope, masks = decoder_inputs(seq, image_tokens, params, cfg, save=sub(st, "embed_tokens"))
+    h = decoder(h, text["layers"], cfg.text, rope, masks, save=st)
     normed = final_norm(h, text["norm"], cfg.text, save=sub(st, "norm"))
     logits = lm_head(normed[0, rows], text["embed_tokens"], cfg.text, save=sub(st, "lm_head"))   # [n, V]
     logp = log_softmax(logits.astype(xp.float64))             # fp64: a confident token's log p is ~ -1e-7
@@ -146,11 +147,12 @@ def explain_tokens(batch, tokens, params, cfg, top_k=5):
         d_pixels, _ = encode_images_backward(d_image, save, params, cfg, need_dx=True)
         grads.append(to_host(d_pixels[0]))
 
-    image = np.flatnonzero(to_host(image_positions(input_ids[0], cfg)))               # the N image positions
-    L = cfg.text.num_hidden_layers
-    attention = np.stack([trace[f"text.attn.{l:02d}"][0][:, positions][:, :, image].transpose(1, 0, 2)
-                          for l in range(L)], axis=1)                                 # [n, L, Hq, N]
-    lens, top_ids, top_logp, rank = logit_lens(trace, positions, tokens, text, cfg, top_k)
+    image = xp.asarray(np.flatnonzero(to_host(image_positions(input_ids[0], cfg))))   # the N image positions
+    layers = st["layers"]
+    attention = np.stack([to_host(attention_probs(s)[0][:, rows][:, :, image]).transpose(1, 0, 2)
+                          for s in layers], axis=1)                                   # [Hq, n, N] -> [n, L, Hq, N]
+    stream = [s["input_layernorm"]["x"][0, rows] for s in layers] + [st["norm"]["x"][0, rows]]   # r_0..r_L
+    lens, top_ids, top_logp, rank = logit_lens(stream, tokens, text, cfg, top_k)
     return Explanation(
         tokens=[int(t) for t in tokens], positions=positions,
         logprobs=np.asarray(to_host(logprobs), np.float32), image_attention=attention.astype(np.float32),
@@ -158,22 +160,16 @@ def explain_tokens(batch, tokens, params, cfg, top_k=5):
         lens_top_logprobs=top_logp, lens_rank=rank, pixel_values=np.asarray(to_host(pixels[0]), np.float32))
 
 
-def residual_stream(trace, L):
-    """The residual stream r_0..r_L by the traced stage names: the scaled embeddings entering
-    layer 0, then each decoder layer's output. -> L + 1 host arrays [1, T, D]"""
-    return [trace["text.embed"]] + [trace[f"text.layer.{l:02d}"] for l in range(L)]
-
-
-def logit_lens(trace, positions, tokens, text, cfg, top_k):
-    """Read each residual r_l at the answer positions through the final norm and the tied
+def logit_lens(stream, tokens, text, cfg, top_k):
+    """Read the residual stream r_0..r_L at the answer positions (L + 1 arrays [n, D]: the scaled
+    embeddings entering layer 0, then each layer's output) through the final norm and the tied
     lm_head (softcapped for Gemma 2), log-softmax in fp64: -> (log p(token_i) [n, L + 1], the
     top-k ids and their log-probabilities [n, L + 1, k], token i's rank [n, L + 1])."""
     xp = array_module(text["norm"]["weight"])
     target = xp.asarray(np.asarray(tokens, np.int64))[:, None]
     mine, top_ids, top_logp, rank = [], [], [], []
-    for r in residual_stream(trace, cfg.text.num_hidden_layers):                      # one layer at a time:
-        z = lm_head(final_norm(xp.asarray(r[0, positions]), text["norm"], cfg.text),   # [n, V] in memory
-                    text["embed_tokens"], cfg.text)
+    for r in stream:                                                                   # one at a time: [n, V]
+        z = lm_head(final_norm(r, text["norm"], cfg.text), text["embed_tokens"], cfg.text)
         logp = log_softmax(z.astype(xp.float64))
         own = xp.take_along_axis(logp, target, axis=-1)                                # [n, 1]
         k = min(top_k, logp.shape[-1])
@@ -222,6 +218,9 @@ def explain(model, image, prompt, max_new_tokens=32, answer=None, top_k=5):
         suffix = inputs["token_type_ids"][0] == 1
         tokens = inputs["input_ids"][0, suffix].tolist()
         inputs = {k: v[:, ~suffix] if k != "pixel_values" else v for k, v in inputs.items() if k != "labels"}
+    if model.cfg.image_token_index in tokens:
+        raise InputError(f"the answer holds the <image> token (id {model.cfg.image_token_index}), which only the "
+                         "prompt's image positions may; explain another answer")
     T = inputs["input_ids"].shape[1] + len(tokens)
     if T > model.cfg.text.max_position_embeddings:
         raise InputError(f"prompt and answer are {T} tokens, more than the model's "

@@ -8,14 +8,18 @@ answer tokens as chips with their probabilities (click one to select it), the ma
 npvlm/explain/maps.py (gradient per pixel and per patch, input x gradient per patch, attention
 by layer and head and their means), the logit-lens table (each layer's top-k tokens and the
 selected token's rank) and, when the answer has <loc> tokens, the boxes. The page sets
-`data-token`, `data-kind` and `data-signature` (a checksum of the drawn map) on the heatmap so a
-browser test can see a click change it.
+`data-token`, `data-kind` and `data-signature` (a checksum of the heatmap's drawn pixels) on the
+heatmap so a browser test can see a click change it. Its content-security policy allows no
+request and no script but its own (by its SHA-256), and its data holds no "<", ">" or "&", so
+no text (a prompt, a token) can end the data or run as code.
 """
 
 import base64
+import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -69,7 +73,7 @@ def _round(a, digits=4):
     return json.loads(json.dumps(np.vectorize(lambda v: float(f"{v:.{digits}g}"))(a).tolist())) if a.size else []
 
 
-def report_data(exp, tokenizer, model_name=""):
+def report_data(exp, tokenizer, model_name="", divisor=1024):
     """Everything the page shows, as JSON-ready values."""
     n, L, H, N = exp.image_attention.shape
     side = int(round(N ** 0.5))
@@ -79,7 +83,7 @@ def report_data(exp, tokenizer, model_name=""):
         return tokenizer.decode([t]) or tokenizer.piece(t) or f"<{t}>"
     boxes = []
     if "<loc" in exp.text:
-        found = parse_detections(exp.text, R, R)
+        found = parse_detections(exp.text, R, R, divisor)
         boxes = [{"label": o.label, "box": [round(v, 2) for v in o.box]} for o in found.objects]
     return {
         "model": model_name, "prompt": exp.prompt, "answer": exp.text, "R": R, "side": side,
@@ -90,7 +94,7 @@ def report_data(exp, tokenizer, model_name=""):
             "gradient": [_round(normalised(patch_map(exp, i, "gradient")).reshape(-1)) for i in range(n)],
             "input_x_gradient": [_round(normalised(patch_map(exp, i, "input_x_gradient")).reshape(-1))
                                  for i in range(n)],
-            "attention": [_round(exp.image_attention[i]) for i in range(n)],        # [L][H][N]
+            "attention": attention_bytes(exp.image_attention),
         },
         "pixel_gradient": [png_data_uri(colorize(normalised(gradient_saliency(exp, i)))) for i in range(n)],
         "lens": {
@@ -103,12 +107,29 @@ def report_data(exp, tokenizer, model_name=""):
     }
 
 
-def write_report(exp, tokenizer, path, model_name=""):
-    """Write the page atomically to `path` (checked writable, never an input, by the caller)."""
-    data = json.dumps(report_data(exp, tokenizer, model_name), ensure_ascii=True, separators=(",", ":"))
-    data = data.replace("</", "<\\/")                                  # never ends the script element
+def attention_bytes(a):
+    """The attention maps [n, L, H, N] for display, compactly: each map scaled to its maximum
+    and rounded to 8 bits (base64), with the maxima: 1/4 of a float's bytes, and ~1/20 of JSON
+    text (the page shows heatmaps; the exact values are in the Explanation)."""
+    scale = a.max(axis=-1, keepdims=True)
+    q = np.where(scale > 0, np.round(255 * a / np.where(scale > 0, scale, 1)), 0).astype(np.uint8)
+    return {"shape": list(a.shape), "scale": _round(scale[..., 0]),
+            "q": base64.b64encode(q.tobytes()).decode("ascii")}
+
+
+def write_report(exp, tokenizer, path, model_name="", divisor=1024):
+    """Write the page atomically to `path` (checked writable, never an input, by the caller);
+    divisor: how <loc> bins map to pixels (npvlm.tasks.detection)."""
+    data = json.dumps(report_data(exp, tokenizer, model_name, divisor), ensure_ascii=True, separators=(",", ":"))
+    # no "<", ">" or "&" in the page's data: it can neither end its script element nor start a
+    # comment or a tag the HTML parser would act on (JSON reads the escapes back as the characters)
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     page = (Path(__file__).with_name("report.html")).read_text(encoding="utf-8")
-    write_text_atomic(path, page.replace("__DATA__", data).replace("__TITLE__", _html(exp.prompt)))
+    script = page[page.rindex("<script>") + len("<script>"):page.rindex("</script>")]
+    values = {"__DATA__": data, "__TITLE__": _html(exp.prompt),
+              "__SCRIPT_HASH__": base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")}
+    page = re.sub("__DATA__|__TITLE__|__SCRIPT_HASH__", lambda m: values[m.group(0)], page)   # one pass
+    write_text_atomic(path, page)
 
 
 def _html(text):

@@ -36,7 +36,7 @@ def check_new_folder(path):
     """Refuse, before any work, an output folder that exists with something in it (nothing the
     user owns is overwritten) or whose parent cannot be written."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
         raise InputError(f"{path}: exists and is not an empty folder; choose a new folder")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
