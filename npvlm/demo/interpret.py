@@ -25,9 +25,10 @@ kind ranks the 8 x 8 image patches for the whole answer a (its tokens, <eos> inc
 
 And the prefix effect: PaliGemma's prefix (image + prompt) is attended bidirectionally, so the
 image tokens' decoder states depend on the prompt. For "caption en" against the scene's first
-question above (the color question, or the shape question where no shape is alone), per layer, the relative change ||h_a - h_b|| / ||h_a|| of the image
-positions' residual stream (0 at the embeddings; in a causal model with the image first, such
-as LLaVA, it would stay 0 at every layer).
+question above (the color question, or the shape question where no shape is alone), per
+layer, the relative change ||h_a - h_b|| / ||h_a|| of the image positions' residual stream
+(0 at the embeddings; in a causal model with the image first, such as LLaVA, it would stay 0
+at every layer).
 """
 
 import argparse
