@@ -23,9 +23,14 @@ def test_ruff_passes():
 
 
 def test_every_noqa_gives_a_reason():
+    # the project's own code only: a virtual environment made inside the clone (any name) holds
+    # other people's code and is not ours to judge
+    paths = [ROOT / "run.py"] + [p for top in ("npvlm", "tests", "tools", "notebooks", "docs", ".ci")
+                                 for p in (ROOT / top).glob("**/*.py")]
     bare = []
-    for path in sorted(ROOT.glob("**/*.py")):
-        if any(part.startswith(".") or part in ("build", "bench_cache") for part in path.relative_to(ROOT).parts):
+    for path in sorted(paths):
+        if any(part.startswith(".") and part != ".ci" or part in ("build", "bench_cache")
+               for part in path.relative_to(ROOT).parts):
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             m = re.search(r"#\s*noqa\b(:\s*[A-Z]+[0-9]+(\s*,\s*[A-Z]+[0-9]+)*)?(.*)$", line)
