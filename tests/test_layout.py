@@ -40,6 +40,7 @@ def part(path):
 ARROWS = {
     "base": set(),
     "model": set(),
+    "metrics": set(),
     "inputs": set(),
     "loading": set(),
     "saving": {"loading"},
@@ -108,8 +109,9 @@ def test_every_arrow_of_the_picture_is_an_import():
     assert used == ARROWS
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "model").glob("*.py")), ids=lambda p: p.name)
-def test_the_model_math_imports_numpy_and_the_standard_library_alone(path):
+@pytest.mark.parametrize("path", sorted((PACKAGE / "model").glob("*.py")) + sorted((PACKAGE / "metrics").glob("*.py")),
+                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_the_model_math_and_the_metrics_import_numpy_and_the_standard_library_alone(path):
     external, _ = imports(path)
     assert external <= {"numpy"} | set(sys.stdlib_module_names), \
         f"{path.relative_to(ROOT)} imports {sorted(external - {'numpy'} - set(sys.stdlib_module_names))}"
