@@ -28,7 +28,7 @@
 # - The 16 `<segNNN>` codes (0..127) are a 4 x 4 grid of codebook indices; the VQ-VAE decoder
 #   turns them into a 64 x 64 mask for the inside of the box, which is then resized into the box.
 #
-# Code: `npvlm/tasks/detection.py` (`parse_detections`, `encode_box`, `iou`), `npvlm/tasks/segmentation.py`
+# Code: `npvlm/tasks/detection.py` (`parse_detections`, `encode_box`), `npvlm/metrics` (`box_iou`), `npvlm/tasks/segmentation.py`
 # (`load_vae`, `decode_masks`, `paste_mask`, `object_masks`), `npvlm/tasks/draw.py` (`draw_objects`).
 
 # %%
@@ -46,8 +46,9 @@ import npvlm
 from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.scenes import detection_text, make_scene
 from npvlm.inputs.image import load_image
+from npvlm.metrics import box_iou as iou
 from npvlm.parity import compare
-from npvlm.tasks.detection import encode_box, iou, parse_detections
+from npvlm.tasks.detection import encode_box, parse_detections
 from npvlm.tasks.draw import draw_objects
 from npvlm.tasks.segmentation import decode_masks, load_vae, object_masks, paste_mask
 

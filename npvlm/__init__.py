@@ -12,12 +12,12 @@ The package by folder (docs/architecture.md draws the arrows between them):
     loading/      a model folder or Hub id -> the checked parameter tree
     generation/   prefill once, then decode token by token; sampling
     training/     which gradients, optimizers, LoRA, the fine-tuning loop
+    evaluation/   a model's answers to JSONL examples, scored by each task's metric
     saving/       a checkpoint in the input's layout; atomic file writes
     tasks/        detection boxes, segmentation masks, drawing them
     metrics/      the scores PaliGemma is judged by: VQA accuracy, ANLS, CIDEr, mAP, mIoU...
     demo/         the embedded demo model and its shape world
-    api.py        npvlm.load and PaliGemma;  cli.py, finetune.py: the two commands
-    evaluate.py: python -m npvlm.evaluate
+    api.py        npvlm.load and PaliGemma;  cli.py, finetune.py, evaluate.py: the commands
     config.py, errors.py, backend.py, tree.py: what every folder may use; parity.py: the checks
 
 `import npvlm` imports none of them: each public name is imported when it is first used.

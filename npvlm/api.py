@@ -135,18 +135,19 @@ class PaliGemma:
     # ---- text level ---------------------------------------------------------------------------
 
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=None, stop=None, stream=None):
+                 seed=None, stop=None, stream=None, logprobs=False):
         """Answer prompts about images.
 
         images: one image (path, PIL image or HWC array) or a list; prompts: a string (asked of
         every image) or a list of the same length. Greedy by default; `temperature`/`top_k`/
         `top_p`/`seed` sample (npvlm.generation.sampling). Generation ends at eos, at any of the `stop`
         strings (cut from the text), or after `max_new_tokens`. `stream(text_piece)` receives
-        text as it is produced (single prompt only). Returns a Generation, or a list of them
-        for list inputs.
+        text as it is produced (single prompt only). `logprobs=True`: each Generation also holds
+        `logprobs`, log p of each generated token under the model (the scores detection mAP
+        ranks by, npvlm.evaluate). Returns a Generation, or a list of them for list inputs.
         """
         return gen.generate(self, images, prompts, max_new_tokens,
-                            SamplingOptions(temperature, top_k, top_p, seed), stop, stream)
+                            SamplingOptions(temperature, top_k, top_p, seed), stop, stream, logprobs)
 
     def explain(self, image, prompt, max_new_tokens=32, answer=None, top_k=5):
         """Why the model answers `prompt` about `image` as it does (greedy, up to max_new_tokens),

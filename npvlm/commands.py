@@ -1,6 +1,7 @@
-"""What the two commands share (`npvlm`: npvlm/cli.py; `python -m npvlm.finetune`:
-npvlm/finetune.py): an argument parser whose errors are one line, a --help that shows each
-default, and a `main` that turns every error into one line and an exit status."""
+"""What the commands share (`npvlm`: npvlm/cli.py; `python -m npvlm.finetune`:
+npvlm/finetune.py; `python -m npvlm.evaluate`: npvlm/evaluate.py): an argument parser whose
+errors are one line, a --help that shows each default, and a `main` that turns every error
+into one line and an exit status."""
 
 import argparse
 import os
@@ -12,10 +13,10 @@ SIGPIPE_EXIT = 141          # 128 + SIGPIPE: what a Unix tool whose reader went 
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except where there is none (None, off)."""
+    """--help shows each option's default, except where there is none (None, off, a --no-X flag)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or isinstance(action, argparse._StoreFalseAction):
             return action.help
         return super()._get_help_string(action)
 

@@ -25,19 +25,22 @@ from . import cpu
 from .api import check_model_dir, load
 from .commands import ArgumentParser, run_main
 from .errors import InputError
+from .evaluation.run import check_examples
+from .inputs.examples import read_jsonl
 from .model.loss import REDUCTIONS
 from .saving.atomic import write_text_atomic
 from .saving.checkpoint import SAVE_DTYPES, check_output, save_checkpoint
-from .training.data import check_lengths, read_jsonl
+from .tasks.segmentation import load_vae
+from .training.data import check_lengths
 from .training.grads import TRAIN_SETS, trained_arrays, with_fp32_masters
-from .training.loop import OPTIMIZERS, TrainConfig, discard_state, state_meta, train
+from .training.loop import OPTIMIZERS, TrainConfig, check_keep_best, discard_state, state_meta, train
 from .training.lora import PEFT_RECIPE, add_lora
 from .training.optim import SCHEDULES
 
 # the options that identify a run: a saved state made with others is not resumed
 STATE_OPTIONS = ("model", "data", "train", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum",
                  "schedule", "warmup_steps", "weight_decay", "momentum", "clip_norm", "loss_reduction", "seed",
-                 "shuffle", "lora_rank", "lora_alpha", "lora_targets", "weights")
+                 "shuffle", "lora_rank", "lora_alpha", "lora_targets", "weights", "keep_best")
 DEFAULTS = TrainConfig()
 
 
@@ -79,6 +82,13 @@ def build_parser():
         help="bf16: frozen weights kept in bfloat16 (trained ones fp32); numpy only")
     add("--save-dtype", choices=SAVE_DTYPES, default="same", help="same: as the input stored them")
     add("--eval-every", type=int, default=d.eval_every, help="validation every N steps (and at the end)")
+    add("--no-val-metric", dest="val_metric", action="store_false",
+        help="validation reports the loss only, without answering the --val prompts and scoring them with "
+             "their task's metric (npvlm.evaluate's)")
+    add("--keep-best", default=d.keep_best, metavar="val_loss|TASK.METRIC",
+        help="export the weights of the best validation by this score (e.g. vqa.accuracy, caption.cider) "
+             "instead of the last step's")
+    add("--vae", metavar="vae-oid.npz", help="the VQ-VAE mask decoder, to score segment lines of --val")
     add("--demo-scores", type=int, default=d.demo_scores, metavar="SCENES",
         help="also score the demo world's tasks on this many held-out scenes at each validation")
     add("--save-every", type=int, default=d.save_every, help="training state every N steps; 0 = never")
@@ -160,14 +170,16 @@ def run(args, on_step=None):
     meta = check_saved_state(work, args)
     examples = read_jsonl(args.data)
     val = read_jsonl(args.val) if args.val else []
+    vae = load_vae(args.vae) if args.vae else None
+    check_keep_best(args.keep_best, bool(val), check_examples(val, vae=vae)[0] if val and args.val_metric else [])
     n, note = choose_threads(args, meta) if args.backend == "numpy" else (None, None)
     if note:
         print(f"note: {note}", file=sys.stderr)
     with cpu.threads_fixed(n):              # an in-process run leaves the session's setting as it was
-        return train_and_export(args, source, out, work, examples, val, on_step)
+        return train_and_export(args, source, out, work, examples, val, on_step, vae)
 
 
-def train_and_export(args, source, out, work, examples, val, on_step):
+def train_and_export(args, source, out, work, examples, val, on_step, vae=None):
     print(f"loading {args.model}", file=sys.stderr)
     model = load(source, backend=args.backend, weights=args.weights)
     check_lengths(examples + val, model.processor, model.cfg, args.max_len)
@@ -188,7 +200,7 @@ def train_and_export(args, source, out, work, examples, val, on_step):
     if args.restart:
         discard_state(work)
     log, finished = train(model, params, examples, val, config, work, resume=args.resume, options=options,
-                          on_step=on_step, quiet=args.quiet)
+                          on_step=on_step, quiet=args.quiet, vae=vae)
     if not finished:
         print(f"stopped after step {log[-1]['step']}; state in {work} (--resume to continue)", file=sys.stderr)
         return 0
@@ -196,7 +208,10 @@ def train_and_export(args, source, out, work, examples, val, on_step):
     record = {"options": vars(args), "log": log, "blas_threads": n}
     write_text_atomic(out / "npvlm_finetune.json", json.dumps(record, indent=1, default=str) + "\n")
     state = f"; removed its training state from {work}" if discard_state(work) else ""
-    print(f"wrote {out} (final loss {log[-1]['loss']:.4f}){state}", file=sys.stderr)
+    kept = [e for e in log if e.get("best")]
+    weights = (f", the weights of step {kept[-1]['step']}, the best {args.keep_best}" if args.keep_best and kept
+               else "")
+    print(f"wrote {out} (final loss {log[-1]['loss']:.4f}{weights}){state}", file=sys.stderr)
     return 0
 
 

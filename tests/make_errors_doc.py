@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import test_robustness_evaluate
+
 from npvlm.errors import NpvlmError
 
 import robustness as T  # this folder: the tables' machinery
@@ -25,6 +27,7 @@ import test_robustness_options
 # every case, in the order of the doc's sections (groups in order of first appearance)
 CASES = test_robustness_models.CASES + test_robustness_images.CASES + test_robustness_options.CASES
 FINETUNE_CASES = test_robustness_finetune.FINETUNE_CASES
+EVALUATE_CASES = test_robustness_evaluate.EVALUATE_CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,6 +219,17 @@ def make_doc():
             tmp.mkdir()
             r = T.run_finetune_cli(case.build(tmp, base), tmp)
             line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "")
+            out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
+        out.append(f"\n## {T.EV}\n")
+        out.append("Each refused before the model is loaded (every line's ground truth is checked first); "
+                   "nothing is written to `--predictions`.\n")
+        out.append("| case | `python -m npvlm.evaluate` (last stderr line) | exit | what to do |")
+        out.append("|---|---|---|---|")
+        for case in EVALUATE_CASES:
+            tmp = root / case.id
+            tmp.mkdir()
+            r = T.run_evaluate_cli(case.build(tmp, base), tmp)
+            line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "").replace(str(ROOT) + "/", "")
             out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
     out.append(messages_section())
     out.append(FOOTER)

@@ -11,7 +11,8 @@ A table is a list of `Case`s; each case builds its input in a temporary folder a
   (`check_cli`; `run_cli_cases` runs a table's cases a few at a time).
 
 Cases that must work (a 1x1 image, an empty prompt, ...) check that both paths give an answer.
-The fine-tuning command has its own table of `FinetuneCase`s (tests/test_robustness_finetune.py).
+The fine-tuning and evaluation commands have their own tables of `FinetuneCase`s
+(tests/test_robustness_finetune.py, tests/test_robustness_evaluate.py).
 docs/errors.md is generated from the tables: `python tests/make_errors_doc.py`.
 """
 
@@ -40,6 +41,7 @@ MARKER = "EXECUTED"        # a pickle in these cases creates this file if anythi
 MODEL, CODE, IMAGE, PROMPT, OUTPUT = ("Model folder", "Never executing code from the model folder", "Image",
                                       "Prompt and options", "Output")
 FT = "Fine-tuning data and options (python -m npvlm.finetune)"
+EV = "Evaluation data and options (python -m npvlm.evaluate)"
 
 
 @dataclass
@@ -162,6 +164,12 @@ def skip_reason(case):
         if cupy_usable():
             return "a GPU is usable here, so the cupy backend is not an error"
     return None
+
+
+def run_evaluate_cli(argv, cwd):
+    r = subprocess.run([sys.executable, "-m", "npvlm.evaluate", *argv, "--quiet"], capture_output=True, cwd=cwd,
+                       timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    return CliResult(r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
 
 
 def run_finetune_cli(argv, cwd):

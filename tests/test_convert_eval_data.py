@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from npvlm.training.data import read_jsonl
+from npvlm.inputs.examples import read_jsonl
 
 from helpers import ROOT
 

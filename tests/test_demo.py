@@ -14,7 +14,8 @@ from npvlm.demo import MODEL_DIR as DEMO_MODEL
 from npvlm.demo import SAMPLE_SCENE, SAMPLE_SEED
 from npvlm.demo.evaluate import detection_hits
 from npvlm.demo.scenes import SHAPES, detection_text, make_scene, tasks
-from npvlm.tasks.detection import iou, parse_detections
+from npvlm.metrics import box_iou as iou
+from npvlm.tasks.detection import parse_detections
 
 from helpers import ROOT
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npvlm.tasks.detection import encode_box, iou, parse_detections
+from npvlm.tasks.detection import encode_box, parse_detections
 
 
 def test_two_objects_in_y_x_order():
@@ -86,8 +86,3 @@ def test_parser_never_crashes(parts):
     for o in r.objects:
         assert 0 <= o.box[0] < o.box[2] <= 480 and 0 <= o.box[1] < o.box[3] <= 640 and o.label
 
-
-def test_iou():
-    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-    assert iou((0, 0, 10, 10), (0, 5, 10, 15)) == pytest.approx(50 / 150)
-    assert iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0

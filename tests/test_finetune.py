@@ -5,6 +5,7 @@ a resumed run ends where an uninterrupted one does; the output keeps the input's
 names and dtypes; LoRA starts at the base model and is merged on export; transformers loads the
 output and gives npvlm's logits (live). Bad input: test_robustness_finetune.py."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import npvlm
 from npvlm import finetune
 from npvlm.demo.scenes import make_scene
 from npvlm.errors import InputError
-from npvlm.training.data import make_batch, read_jsonl
+from npvlm.inputs.examples import read_jsonl
+from npvlm.training.data import make_batch
 from npvlm.training.grads import loss_and_grads
 from npvlm.tree import flatten
 
@@ -201,7 +203,7 @@ def test_the_command_runs_as_a_module(tmp_path):
     assert (tmp_path / "o" / "config.json").is_file() and "fine-tuning" in r.stderr
 
 
-@pytest.mark.parametrize("command", ["npvlm.finetune", "npvlm.cli"])
+@pytest.mark.parametrize("command", ["npvlm.finetune", "npvlm.cli", "npvlm.evaluate"])
 def test_help_shows_every_default(command):
     """Every option that has a default shows it in --help (argparse shows none for an option
     without help text)."""
@@ -210,6 +212,7 @@ def test_help_shows_every_default(command):
     helped = parser.format_help()
     missing = [a.option_strings[0] for a in parser._actions
                if a.option_strings and a.default not in (None, False, "==SUPPRESS==") and not a.required
+               and not isinstance(a, argparse._StoreFalseAction)
                and not (a.help and "%(default)" in parser._get_formatter()._get_help_string(a))]
     assert not missing, f"--help shows no default for {missing}"
     assert "(default: " in helped

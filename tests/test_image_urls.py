@@ -19,8 +19,9 @@ import npvlm
 from npvlm.demo import SAMPLE_SCENE
 from npvlm.errors import InputError
 from npvlm.inputs import web
+from npvlm.inputs.examples import read_jsonl
 from npvlm.inputs.image import load_image
-from npvlm.training.data import make_batch, read_jsonl
+from npvlm.training.data import make_batch
 
 from helpers import ROOT
 

@@ -31,7 +31,7 @@ def part(path):
         return rel.parts[0]
     return {"config.py": "base", "errors.py": "base", "backend.py": "base", "tree.py": "base", "cpu.py": "base",
             "api.py": "api", "parity.py": "parity", "__init__.py": "package",
-            "cli.py": "commands", "finetune.py": "commands", "commands.py": "commands",
+            "cli.py": "commands", "finetune.py": "commands", "commands.py": "commands", "evaluate.py": "commands",
             "__main__.py": "commands"}[rel.name]
 
 
@@ -46,12 +46,14 @@ ARROWS = {
     "saving": {"loading"},
     "tasks": {"model"},
     "generation": {"inputs", "tasks"},
+    "evaluation": {"inputs", "metrics", "tasks"},
     "explain": {"model", "inputs", "tasks", "saving"},
     "api": {"model", "inputs", "loading", "generation", "explain"},
-    "demo": {"model", "tasks", "saving", "api"},
-    "training": {"model", "inputs", "loading", "saving", "demo"},
+    "demo": {"model", "metrics", "tasks", "saving", "api"},
+    "training": {"model", "inputs", "loading", "saving", "demo", "evaluation"},
     "parity": set(),
-    "commands": {"model", "inputs", "saving", "tasks", "generation", "api", "demo", "training", "explain"},
+    "commands": {"model", "inputs", "saving", "tasks", "generation", "api", "demo", "training", "explain",
+                 "evaluation"},
     "package": set(),                  # __init__.py imports its public names lazily, on first use
 }
 MODULES = sorted(PACKAGE.rglob("*.py"))

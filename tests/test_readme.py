@@ -13,7 +13,7 @@ import pytest
 from npvlm.cli import build_parser
 from npvlm.demo import SAMPLE_SEED
 from npvlm.demo.scenes import make_scene
-from npvlm.tasks.detection import iou
+from npvlm.metrics import box_iou as iou
 
 from helpers import ROOT
 

@@ -15,7 +15,8 @@ from npvlm.demo.scenes import (
     task_kind,
     tasks,
 )
-from npvlm.tasks.detection import iou, parse_detections
+from npvlm.metrics import box_iou as iou
+from npvlm.tasks.detection import parse_detections
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -104,7 +105,7 @@ def test_the_color_count_skill_the_demo_has_not_learned():
 
 def test_fine_tuning_data_half_new_half_replayed(tmp_path):
     from npvlm.demo.data import main
-    from npvlm.training.data import read_jsonl
+    from npvlm.inputs.examples import read_jsonl
     main([str(tmp_path), "--kinds", "color_count", "--replay", "--scenes", "6", "--val-scenes", "2"])
     train = read_jsonl(tmp_path / "train.jsonl")
     kinds = [task_kind(e.prefix) for e in train]

@@ -6,10 +6,11 @@
 Scenes come from numpy.random.default_rng([EVAL_SEED, i]); training draws from a different
 root seed (tools/train_demo.py), so evaluation scenes are held out. Every task the world defines
 for a scene is asked (npvlm.demo.scenes.tasks), greedy decoding, and scored:
-- caption, color, count, and the fine-tuned shape_count, color_shape: exact match of the answer;
+- caption, color, count, and the fine-tuned shape_count, color_shape: exact match of the answer
+  (npvlm.metrics.exact_match);
 - detect, and the fine-tuned detect3 (all three labels): the fraction of ground-truth objects
-  found, i.e. matched one-to-one by a predicted box with the right label at IoU >= 0.5 (boxes
-  decoded with divisor 1023, the encoding the demo world uses).
+  found (npvlm.metrics.objects_found), i.e. matched one-to-one by a predicted box with the right
+  label at IoU >= 0.5 (boxes decoded with divisor 1023, the encoding the demo world uses).
 """
 
 import argparse
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..api import load
+from ..metrics import exact_match, objects_found
 from ..saving.atomic import write_text_atomic
-from ..tasks.detection import iou, parse_detections
+from ..tasks.detection import parse_detections
 from .scenes import KINDS, NEW_SKILLS, SHAPES, detection_text, make_scene, task_kind, tasks
 
 EVAL_SEED = 777_000_001
@@ -65,19 +67,12 @@ def prompt_items(n_scenes=300, seed=EVAL_SEED):
 
 
 def detection_hits(predicted_text, answer_text, size):
-    """(ground-truth objects found at IoU >= 0.5 with the right label, ground-truth objects)."""
-    pred = parse_detections(predicted_text, size, size, divisor=1023).objects
-    truth = parse_detections(answer_text, size, size, divisor=1023).objects
-    used, found = set(), 0
-    for t in truth:
-        best, best_j = 0.0, None
-        for j, p in enumerate(pred):
-            if j not in used and p.label == t.label and iou(p.box, t.box) > best:
-                best, best_j = iou(p.box, t.box), j
-        if best_j is not None and best >= IOU_THRESHOLD:
-            used.add(best_j)
-            found += 1
-    return found, len(truth)
+    """(ground-truth objects found at IoU >= 0.5 with the right label, ground-truth objects):
+    npvlm.metrics.objects_found on the boxes of both texts."""
+    def objects(text):
+        return [{"label": o.label, "box_yxyx": o.box} for o in parse_detections(text, size, size, divisor=1023).objects]
+    truth = objects(answer_text)
+    return objects_found(objects(predicted_text), truth, IOU_THRESHOLD), len(truth)
 
 
 def score(items, predictions):
@@ -87,7 +82,7 @@ def score(items, predictions):
         if item.kind in DETECTION_KINDS:
             k, n = detection_hits(pred, item.answer, SCENE_SIZE)
         else:
-            k, n = int(pred.strip() == item.answer), 1
+            k, n = int(exact_match(pred, item.answer)), 1
         c = tally.setdefault(item.kind, [0, 0])
         c[0] += k
         c[1] += n
@@ -105,7 +100,7 @@ def score_by_prompt(items, predictions):
             k, n = detection_hits(pred, item.answer, SCENE_SIZE)
             exact = k == n == len(parse_detections(pred, SCENE_SIZE, SCENE_SIZE, divisor=1023).objects)
         else:
-            k = n = int(pred.strip() == item.answer)
+            k = n = int(exact_match(pred, item.answer))
             n, exact = 1, bool(k)
         c = tally.setdefault(item.prompt, {"asked": 0, "correct": 0, "total": 0, "exact": 0})
         c["asked"] += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import synchronize
+from ..backend import synchronize, to_host
 from ..errors import InputError
 from ..inputs.image import load_image
 from ..tasks.detection import ParseResult, parse_detections
@@ -26,11 +26,14 @@ from .sampling import SamplingOptions, choose, row_generators
 class TokenGeneration:
     """tokens: int64[B, n] (rows that stopped early are padded with pad_token_id after their
     last token); lengths: int[B] generated tokens per row (the stop token included);
-    finish: per row "eos", "stop" or "length"; timings in seconds."""
+    finish: per row "eos", "stop" or "length"; timings in seconds; logprobs: float32[B, n],
+    log p of each chosen token under the model's distribution (before any sampling filter), when
+    asked for."""
     tokens: np.ndarray
     lengths: np.ndarray
     finish: list
     timings: dict = field(default_factory=dict)
+    logprobs: np.ndarray = None
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Generation:
     finish_reason: str      # "eos", "stop" (a stop string) or "length" (max_new_tokens)
     timings: dict = field(default_factory=dict)
     image_size: tuple = None  # (width, height) of the original image, for mapping boxes
+    logprobs: list = None     # log p of each of `tokens` under the model (generate(logprobs=True))
 
     def __str__(self):
         return self.text
@@ -91,7 +95,17 @@ def encode_and_prefill(model, batch, capacity):
     return logits, cache, timings
 
 
-def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None, on_step=None):
+def chosen_logprobs(logits, ids, xp):
+    """log softmax(logits)[b, ids[b]] per row, on the host: float32 [B] (the log-sum-exp taken
+    about each row's maximum)."""
+    z = logits.astype(xp.float32)
+    m = z.max(axis=-1)
+    lse = m + xp.log(xp.exp(z - m[:, None]).sum(axis=-1))
+    picked = z[xp.arange(z.shape[0]), xp.asarray(ids)]
+    return np.asarray(to_host(picked - lse), np.float32)
+
+
+def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None, on_step=None, logprobs=False):
     """Generate up to `max_new_tokens` per row of a left-padded batch (host NumPy arrays:
     input_ids, attention_mask, optional pixel_values).
 
@@ -99,6 +113,8 @@ def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None,
     `tokens` and counted in `lengths`.
     on_step(t, ids, active) -> bool[B] or None: called with the host ids chosen at step t and
     the rows still running; may return rows to stop (stop strings, streaming).
+    logprobs: also return each chosen token's log-probability (one log-sum-exp over the
+    vocabulary per step).
     """
     B, T = np.shape(batch["input_ids"])
     check_generation_args(model.cfg, T, max_new_tokens)
@@ -111,10 +127,13 @@ def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None,
     lengths = np.zeros(B, dtype=np.int64)
     finish = ["length"] * B
     active = np.ones(B, dtype=bool)
+    lps = np.zeros((B, max_new_tokens), np.float32) if logprobs else None
     for t in range(max_new_tokens):
         ids = choose(logits, options, rngs)                                 # host int64 [B]
         if t == 0:
             first_token_at = time.perf_counter()
+        if logprobs:
+            lps[:, t] = chosen_logprobs(logits, ids, model.xp)
         ids[~active] = model.cfg.pad_token_id
         tokens[active, t] = ids[active]
         lengths[active] += 1
@@ -133,7 +152,8 @@ def generate_ids(model, batch, max_new_tokens=32, options=GREEDY, stop_ids=None,
                    decode_steps=max(steps - 1, 0))
     timings["decode_tokens_per_s"] = (timings["decode_steps"] / timings["decode_s"]
                                       if timings["decode_steps"] and timings["decode_s"] > 0 else None)
-    return TokenGeneration(tokens[:, :max(steps, 1)], lengths, finish, timings)
+    n = max(steps, 1)
+    return TokenGeneration(tokens[:, :n], lengths, finish, timings, None if lps is None else lps[:, :n])
 
 
 def greedy_ids(model, input_ids, attention_mask, pixel_values=None, max_new_tokens=32, stop_ids=None):
@@ -215,7 +235,7 @@ def _as_lists(images, prompts):
     return images, prompts, False
 
 
-def generate(model, images, prompts, max_new_tokens=64, options=GREEDY, stop=None, stream=None):
+def generate(model, images, prompts, max_new_tokens=64, options=GREEDY, stop=None, stream=None, logprobs=False):
     """`PaliGemma.generate`: images + prompts -> Generation (or a list of them for list inputs)."""
     image_list, prompt_list, single = _as_lists(images, prompts)
     if stream is not None and len(prompt_list) != 1:
@@ -238,12 +258,13 @@ def generate(model, images, prompts, max_new_tokens=64, options=GREEDY, stop=Non
             return None
         return np.array([bool(active[b]) and rows[b].push(ids[b]) for b in range(len(rows))])
 
-    out = generate_ids(model, inputs, max_new_tokens, options, [model.cfg.eos_token_id], on_step)
+    out = generate_ids(model, inputs, max_new_tokens, options, [model.cfg.eos_token_id], on_step, logprobs)
     timings = dict(out.timings, preprocess_s=t_pre, load_s=model.load_s)
     results = []
     for b, row in enumerate(rows):
         ids = out.tokens[b, :out.lengths[b]].tolist()
         text, stopped = row.finish(ids)
         results.append(Generation(text, ids, "stop" if stopped else out.finish[b], timings,
-                                  image_list[b].size))
+                                  image_list[b].size,
+                                  out.logprobs[b, :len(ids)].tolist() if logprobs else None))
     return results[0] if single else results

@@ -111,6 +111,24 @@ def detection_map(predictions, ground_truth):
             "per_label": {label: mean(ap[:, i]) for i, label in enumerate(labels)}}
 
 
+def objects_found(predictions, ground_truth, threshold=0.5):
+    """How many ground-truth objects a detection answer finds: in order, each takes the unused
+    predicted box of its label it overlaps most, found if IoU >= threshold (one-to-one; no
+    scores needed). predictions, ground_truth: lists of {"label", "box_yxyx"}."""
+    used, found = set(), 0
+    for t in ground_truth:
+        best, best_j = 0.0, None
+        for j, p in enumerate(predictions):
+            if j not in used and p["label"] == t["label"]:
+                v = box_iou(p["box_yxyx"], t["box_yxyx"])
+                if v > best:
+                    best, best_j = v, j
+        if best_j is not None and best >= threshold:
+            used.add(best_j)
+            found += 1
+    return found
+
+
 def refexp_accuracy(predicted_box, target_box, threshold=0.5):
     """Referring-expression accuracy of one answer: 1 if the predicted box (the first the answer
     gives) overlaps the target with IoU >= threshold, else 0; no box (None) scores 0. RefCOCO's

@@ -110,12 +110,3 @@ def encode_box(box, width, height, divisor=NUM_LOC - 1):
     sizes = (height, width, height, width)
     bins = [min(NUM_LOC - 1, max(0, round(v / s * divisor))) for v, s in zip(box, sizes)]
     return "".join(f"<loc{b:04d}>" for b in bins)
-
-
-def iou(a, b):
-    """Intersection over union of two (y_min, x_min, y_max, x_max) boxes."""
-    ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iw = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ih * iw
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0

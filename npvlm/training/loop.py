@@ -27,6 +27,8 @@ from .. import cpu
 from ..backend import array_module, synchronize, to_host
 from ..demo.evaluate import eval_items, predict, score
 from ..errors import InputError
+from ..evaluation.run import check_examples, evaluate
+from ..evaluation.score import METRICS
 from ..model.paligemma import forward_loss
 from ..saving.atomic import write_text_atomic
 from ..tree import flatten
@@ -60,6 +62,8 @@ class TrainConfig:
     seed: int = 0                     # the shuffle (the command seeds the LoRA initialisation with it too)
     shuffle: bool = False             # a seeded shuffle of the examples each epoch
     eval_every: int = 50              # validation every N steps (and at the end)
+    val_metric: bool = True           # also score the validation answers with their task's metric
+    keep_best: str = ""               # "", "val_loss" or "TASK.METRIC": export the best validation's weights
     demo_scores: int = 0              # also score the demo world's tasks on this many scenes
     save_every: int = 100             # the training state every N steps; 0 = never
 
@@ -107,6 +111,32 @@ def validation_loss(model, params, examples, config):
     return float(np.average(losses, weights=weights))
 
 
+def answer_budget(model, examples):
+    """Tokens a validation answer may take: the longest suffix (+ <eos>) and a margin of 8."""
+    return max(len(model.processor.tokenizer.encode(e.suffix)) for e in examples) + 9
+
+
+def check_keep_best(name, has_val, val_tasks):
+    """--keep-best names "val_loss" or a metric of a task the validation lines have (val_tasks:
+    their tasks, empty when the metric is off)."""
+    if not name:
+        return
+    if not has_val:
+        raise InputError("--keep-best needs validation examples (--val)")
+    choices = ["val_loss"] + [f"{t}.{m}" for t in dict.fromkeys(val_tasks) for m in METRICS[t]]
+    if name not in choices:
+        raise InputError(f"--keep-best {name!r} is not a validation score of this run; choose one of "
+                         f"{', '.join(choices)}")
+
+
+def best_value(entry, name):
+    """The --keep-best score of a log entry (None if it has none), larger is better."""
+    if name == "val_loss":
+        return -entry["val_loss"] if "val_loss" in entry else None
+    task, metric = name.split(".", 1)
+    return entry.get("val_metrics", {}).get(task, {}).get(metric)
+
+
 def demo_scores(model, n_scenes):
     """The demo world's task scores on held-out scenes (npvlm.demo.evaluate), current weights."""
     scenes, items = eval_items(n_scenes)
@@ -115,11 +145,13 @@ def demo_scores(model, n_scenes):
 
 # ---- the training state ---------------------------------------------------------------------------
 
-def save_state(work, step, trained, optimizer, log, options):
+def save_state(work, step, trained, optimizer, log, options, best=None):
     """The trained tensors, the optimizer state, the step, the log, the run's options (to
-    refuse a resume with other ones) and, on the CPU, BLAS's thread count, atomically."""
+    refuse a resume with other ones), the best validation's tensors (--keep-best) and, on the
+    CPU, BLAS's thread count, atomically."""
     work.mkdir(parents=True, exist_ok=True)
     arrays = {f"param.{k}": to_host(v) for k, v in trained.items()}
+    arrays.update({f"best.{k}": v for k, v in (best or {}).items()})
     arrays.update({f"opt.{k}": to_host(v) if hasattr(v, "shape") else np.asarray(v)
                    for k, v in optimizer.state_dict().items()})
     tmp = work / f".state.{os.getpid()}.npz"
@@ -156,7 +188,8 @@ def state_meta(work):
 
 
 def load_state(work, trained, optimizer, options, xp):
-    """Restore a saved state into the trained arrays and the optimizer; -> (step, log). A state
+    """Restore a saved state into the trained arrays and the optimizer; -> (step, log, the best
+    validation's tensors on the host or None). A state
     saved with other `options` is refused, naming them as the command's flags; a damaged or
     incomplete one is one InputError naming the file."""
     meta = state_meta(work)
@@ -174,12 +207,13 @@ def load_state(work, trained, optimizer, options, xp):
         for k, v in trained.items():
             v[...] = xp.asarray(arrays[f"param.{k}"])
         state = {k[len("opt."):]: xp.asarray(v) for k, v in arrays.items() if k.startswith("opt.")}
+        best = {k[len("best."):]: v for k, v in arrays.items() if k.startswith("best.")} or None
         state["step"] = int(state["step"])
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         why = "missing" if not path.is_file() else f"damaged or incomplete ({type(e).__name__})"
         raise InputError(f"{path}: the saved training state is {why}; {RESTART}") from None
     optimizer.load_state_dict(state)
-    return meta["step"], meta["log"]
+    return meta["step"], meta["log"], best
 
 
 def discard_state(work):
@@ -198,19 +232,24 @@ def discard_state(work):
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def train(model, params, examples, val, config, work, *, resume=False, options=None, on_step=None,
-          quiet=False):
+          quiet=False, vae=None):
     """Train `params` (the model's tree, trained tensors as fp32 masters) in place for
     config.total_steps(len(examples)) optimizer steps. val: validation examples (may be empty).
     work: the folder of the training state; resume: continue from it; options: the run's
     settings as strings, saved with the state and compared on resume. on_step(entry) -> True
     stops after that step (not the last), its state saved, as an interrupted run leaves it.
-    quiet: no progress bar. -> (log: one dict per step, finished: False when on_step stopped it)"""
+    quiet: no progress bar. Each validation logs `val_loss` and (config.val_metric) each task's
+    metrics, `val_metrics` (npvlm/evaluation; vae: the mask decoder, for segment lines), and
+    prints them; with config.keep_best the trained tensors end as they were at the best
+    validation by that score. -> (log: one dict per step, finished: False when on_step stopped it)"""
     options = options or {}
     trained = trained_arrays(params, config.train)
     optimizer = make_optimizer(config)
     steps = config.total_steps(len(examples))
     warmup = config.warmup_steps if config.warmup_steps is not None else round(0.1 * steps)
-    start, log = load_state(work, trained, optimizer, options, model.xp) if resume else (0, [])
+    start, log, best = load_state(work, trained, optimizer, options, model.xp) if resume else (0, [], None)
+    checked = check_examples(val, vae=vae) if val and config.val_metric else None
+    budget = answer_budget(model, val) if checked else 0
     bar = tqdm(total=steps, initial=start, desc="fine-tuning", unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=quiet)
     try:                              # the bar ends its line however the loop ends (Ctrl-C too)
@@ -228,17 +267,39 @@ def train(model, params, examples, val, config, work, *, resume=False, options=N
             if (step + 1) % config.eval_every == 0 or step + 1 == steps:
                 if val:
                     entry["val_loss"] = validation_loss(model, params, val, config)
+                if checked:
+                    result = evaluate(model, val, batch_size=config.batch_size, max_new_tokens=budget, vae=vae,
+                                      quiet=True, checked=checked)
+                    entry["val_metrics"] = {t: ts.metrics for t, ts in result.tasks.items()}
                 if config.demo_scores:
                     entry["demo_scores"] = demo_scores(model, config.demo_scores)
+                if val:
+                    value = best_value(entry, config.keep_best) if config.keep_best else None
+                    previous = max((best_value(e, config.keep_best) for e in log if e.get("best")), default=None)
+                    if value is not None and (previous is None or value > previous):
+                        entry["best"] = True
+                        best = {k: to_host(v).copy() for k, v in trained.items()}
+                    tqdm.write(validation_line(entry), file=sys.stderr)
             log.append(entry)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
                             **({"val": f"{entry['val_loss']:.4f}"} if "val_loss" in entry else {}))
             bar.update(1)
             stop = on_step is not None and bool(on_step(entry)) and step + 1 < steps
             if stop or (config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps):
-                save_state(work, step + 1, trained, optimizer, log, options)
+                save_state(work, step + 1, trained, optimizer, log, options, best)
             if stop:
                 return log, False
     finally:
         bar.close()
+    if config.keep_best and best is not None:
+        for k, v in trained.items():
+            v[...] = model.xp.asarray(best[k])
     return log, True
+
+
+def validation_line(entry):
+    """One line per validation: `step 50: val loss 0.1234 · vqa accuracy 0.9846 · detect map 0.5140`."""
+    parts = [f"step {entry['step']}: val loss {entry['val_loss']:.4f}"]
+    for task, metrics in entry.get("val_metrics", {}).items():
+        parts.append(f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+    return " · ".join(parts) + (" (best)" if entry.get("best") else "")
