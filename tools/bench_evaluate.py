@@ -29,8 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from bench import (  # noqa: E402 (the tools folder on the path first)
-    BOS, IMAGE_TOKEN, NEWLINE, SIZES, TEXT_TOKENS, make_checkpoint, peak_rss_gb)
+from bench import BOS, IMAGE_TOKEN, NEWLINE, SIZES, TEXT_TOKENS, make_checkpoint, peak_rss_gb  # noqa: E402 (the tools folder on the path first)
 
 
 def inputs(n, batch):
