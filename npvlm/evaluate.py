@@ -38,7 +38,7 @@ def build_parser():
              "answer -> vqa, else exact)")
     add("--batch-size", type=int, default=8, help="prompts per generation batch")
     add("--max-new-tokens", type=int, default=64, metavar="N", help="the longest answer")
-    add("--limit", type=int, metavar="N", help="score the first N examples only")
+    add("--limit", type=int, metavar="N", help="read and score the first N examples only")
     add("--predictions", metavar="OUT.jsonl", help="also write each example's answer, ground truth and score")
     add("--json", action="store_true", help="print one JSON object (the scores) instead of the table")
     add("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
@@ -62,6 +62,12 @@ def check_args(args):
     cpu.from_environment()
 
 
+def input_files(examples):
+    """The local files the examples read: their images and masks."""
+    files = [e.image for e in examples if isinstance(e.image, Path)]
+    return files + [Path(e.source).parent / e.fields["mask"] for e in examples if isinstance(e.fields.get("mask"), str)]
+
+
 def summary_table(result, model_name, n):
     lines = [f"{model_name}: {n} examples, {result.seconds:.1f} s", "",
              "| task | examples | metric | score |", "|---|---:|---|---:|"]
@@ -76,14 +82,16 @@ def summary_table(result, model_name, n):
 def run(args):
     check_args(args)
     source = check_model_dir(args.model)
-    if args.predictions:
+    if args.predictions is not None:
         if not args.predictions.strip():
             raise InputError("--predictions needs a path, got an empty string")
         out = Path(args.predictions).resolve()
         if out == source.resolve() or source.resolve() in out.parents:
             raise InputError(f"--predictions {out}: is inside the model folder {source}; write outputs elsewhere")
         check_writable(args.predictions, inputs=[args.data, args.vae])
-    examples = read_jsonl(args.data)[:args.limit]
+    examples = read_jsonl(args.data, args.limit)
+    if args.predictions is not None:        # nor any file the lines name (an image, a mask)
+        check_writable(args.predictions, inputs=input_files(examples))
     vae = load_vae(args.vae) if args.vae else None
     checked = check_examples(examples, args.task, args.loc_divisor, vae)     # every line, before the model
     with cpu.threads_fixed(args.threads or cpu.from_environment()):

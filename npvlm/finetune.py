@@ -26,6 +26,7 @@ from .api import check_model_dir, load
 from .commands import ArgumentParser, run_main
 from .errors import InputError
 from .evaluation.run import check_examples
+from .evaluation.score import task_of
 from .inputs.examples import read_jsonl
 from .model.loss import REDUCTIONS
 from .saving.atomic import write_text_atomic
@@ -40,7 +41,7 @@ from .training.optim import SCHEDULES
 # the options that identify a run: a saved state made with others is not resumed
 STATE_OPTIONS = ("model", "data", "train", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum",
                  "schedule", "warmup_steps", "weight_decay", "momentum", "clip_norm", "loss_reduction", "seed",
-                 "shuffle", "lora_rank", "lora_alpha", "lora_targets", "weights", "keep_best")
+                 "shuffle", "lora_rank", "lora_alpha", "lora_targets", "weights", "keep_best", "val")
 DEFAULTS = TrainConfig()
 
 
@@ -171,7 +172,11 @@ def run(args, on_step=None):
     examples = read_jsonl(args.data)
     val = read_jsonl(args.val) if args.val else []
     vae = load_vae(args.vae) if args.vae else None
-    check_keep_best(args.keep_best, bool(val), check_examples(val, vae=vae)[0] if val and args.val_metric else [])
+    val_tasks = [task_of(e) for e in val] if args.val_metric else []
+    if "segment" in val_tasks and vae is None:
+        raise InputError(f"{args.val}: has segment lines, whose metric needs the VQ-VAE mask decoder: pass --vae "
+                         "vae-oid.npz, or --no-val-metric to report the validation loss only")
+    check_keep_best(args.keep_best, bool(val), check_examples(val, vae=vae)[0] if val_tasks else [])
     n, note = choose_threads(args, meta) if args.backend == "numpy" else (None, None)
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -36,8 +36,11 @@ PTB_CAPTIONS = [
     "\"A sign that reads 'STOP' on the street.\"", "A kid's birthday cake with candles",
     "The bathroom has a toilet, sink, and mirror.", "A red double-decker bus driving down the street.",
     "People are skiing down a snow-covered slope.", "a green triangle, a yellow circle and a blue square",
+    "It costs 5.00 dollars.", "a 'quoted' word", "I said no. Then", "No. 5 on the list", "hello?!", "wait!!",
+    "gimme the ball", "y'all come", "lemme see",
     # where npvlm's stand-in differs (docs/evaluation.md): kept to measure, not to pass
-    "rock 'n' roll", "Gov. Brown spoke at St. Mary's", "It costs 5.00 dollars.", "a 'quoted' word",
+    # (":)" is one token ":-rrb-" for PTB unless it ends the whole input: not last here)
+    "a cat :)", "rock 'n' roll", "Gov. Brown spoke at St. Mary's",
 ]
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -136,6 +137,20 @@ def test_textvqa_absolute_images_and_ties(tmp_path):
     check_read_back(out, lines(out), images)
 
 
+def test_vqav2_train_images_take_the_files_split(tmp_path):
+    q, a = vqav2_inputs(tmp_path)
+    data = json.loads(Path(q).read_text())
+    Path(q).write_text(json.dumps({**data, "data_subtype": "train2014"}))
+    images = tmp_path / "train2014"
+    image(images / "COCO_train2014_000000000042.jpg")
+    image(images / "COCO_train2014_000000000007.jpg")
+    out = tmp_path / "train.jsonl"
+    r = tool("vqav2", "--questions", q, "--annotations", a, "--images", images, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert {Path(x["image"]).name for x in lines(out)} == {"COCO_train2014_000000000042.jpg",
+                                                            "COCO_train2014_000000000007.jpg"}
+
+
 def test_docvqa_both_layouts(tmp_path):
     data = write_json(tmp_path / "val_v1.0.json", {"dataset_name": "docvqa", "dataset_split": "val", "data": [
         {"questionId": 49153, "question": "What is the date?", "image": "documents/pybv0228_81.png",
@@ -150,9 +165,9 @@ def test_docvqa_both_layouts(tmp_path):
     assert r.returncode == 0, r.stderr
     assert lines(out) == [
         {"image": "docvqa/documents/pybv0228_81.png", "prefix": "answer en What is the date?", "suffix": "1/8/93",
-         "answers": ["1/8/93", "01/08/93"], "question_id": 49153},
+         "answers": ["1/8/93", "01/08/93"], "question_id": 49153, "task": "anls"},
         {"image": "docvqa/nkbl0226_1.png", "prefix": "answer en Who sent it?", "suffix": "Dr. Smith",
-         "answers": ["Dr. Smith"], "question_id": 24580}]
+         "answers": ["Dr. Smith"], "question_id": 24580, "task": "anls"}]
     assert [e.image for e in read_jsonl(out)] == [(images / "documents" / "pybv0228_81.png").resolve(),
                                                   (images / "nkbl0226_1.png").resolve()]
 

@@ -34,6 +34,17 @@ def _predictions_is_data(tmp, base):
     return ["--model", str(base.model), "--data", str(data), "--predictions", str(data)]
 
 
+def _raw(tmp, line):
+    path = _data(tmp, [])
+    path.write_text(line + "\n")
+    return path
+
+
+def _predictions_is_image(tmp, base):
+    data = _data(tmp, [{}])
+    return ["--model", str(base.model), "--data", str(data), "--predictions", str(data.parent / "a.png")]
+
+
 def _predictions_in_model(tmp, base):
     return ["--model", str(base.model), "--data", str(_data(tmp, [{}])), "--predictions", str(base.model / "p.jsonl")]
 
@@ -58,8 +69,17 @@ EVALUATE_CASES = [
                  (1, "test.jsonl line 1: the suffix's record '<loc0100><loc0200> cat' is not a box: 2 <loc> tokens"),
                  "write 4 <loc> tokens per object"),
     FinetuneCase("ev-box-bad", "'box_yxyx' with y1 < y0", _ev([{"prefix": "detect cat", "box_yxyx": [30, 0, 10, 20]}]),
-                 (1, "test.jsonl line 1: 'box_yxyx' must be [y0, x0, y1, x1] in pixels with y1 > y0"),
+                 (1, "test.jsonl line 1: 'box_yxyx' must be [y0, x0, y1, x1], finite numbers in pixels, with y1 > y0"),
                  "give the box as [y0, x0, y1, x1]"),
+    FinetuneCase("ev-box-infinite", "'box_yxyx' holding Infinity (JSON's extension)",
+                 lambda tmp, base: _argv(tmp, base, _raw(tmp, '{"image": "a.png", "prefix": "detect cat", '
+                                                             '"suffix": "x", "box_yxyx": [0, 0, Infinity, 5]}')),
+                 (1, "test.jsonl line 1: 'box_yxyx' must be [y0, x0, y1, x1], finite numbers"),
+                 "give the box as [y0, x0, y1, x1]"),
+    FinetuneCase("ev-task-unknown", "a line's own 'task' that is not a task", _ev([{"task": "bleu"}]),
+                 (1, "test.jsonl line 1: 'task' must be one of vqa, anls"), "name one of the tasks"),
+    FinetuneCase("ev-predictions-is-image", "--predictions is one of the lines' images", _predictions_is_image,
+                 (1, "a.png: refusing to overwrite the input file"), "write the predictions elsewhere"),
     FinetuneCase("ev-refexp-no-box", "a referring expression (--task refexp) with no box anywhere",
                  _ev([{"prefix": "detect cat"}], "--task", "refexp"),
                  (1, "test.jsonl line 1: a referring expression needs 'box_yxyx' or a box in the suffix"),
@@ -86,6 +106,7 @@ def test_evaluate_bad_input(case, robust_base, tmp_path):
     model never loaded (every line is checked first)."""
     argv = case.build(tmp_path, robust_base)
     predictions = tmp_path / "pred.jsonl"
+    images = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
     r = run_evaluate_cli(argv, tmp_path)
     code, fragment = case.error
     assert "Traceback" not in r.stderr, r.stderr
@@ -93,6 +114,7 @@ def test_evaluate_bad_input(case, robust_base, tmp_path):
     assert r.last_line.startswith("error:") and fragment in r.last_line, r.stderr
     assert "loading" not in r.stderr, "the model was loaded before the input was checked"
     assert not predictions.exists() and not list(tmp_path.rglob(".*.tmp")), "a predictions file was written"
+    assert all(p.read_bytes() == b for p, b in images.items()), "an input image changed"
 
 
 def test_keep_best_names_a_score_of_the_run(robust_base, tmp_path):
@@ -105,3 +127,14 @@ def test_keep_best_names_a_score_of_the_run(robust_base, tmp_path):
                            "val_loss, caption.cider, caption.bleu4")
     r = run_finetune_cli([*argv[:argv.index("--val")], *argv[argv.index("--out"):]], tmp_path)
     assert r.last_line == "error: --keep-best needs validation examples (--val)"
+
+
+def test_finetune_val_with_segment_lines_names_both_ways_out(robust_base, tmp_path):
+    segs = "".join(f"<seg{i:03d}>" for i in range(16))
+    data = _data(tmp_path, [{"prefix": "segment cat", "suffix": f"<loc0100><loc0200><loc0700><loc0800>{segs} cat"}])
+    argv = ["--model", str(robust_base.model), "--data", str(data), "--val", str(data), "--out", str(tmp_path / "o"),
+            "--steps", "1"]
+    r = run_finetune_cli(argv, tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.last_line.endswith("needs the VQ-VAE mask decoder: pass --vae vae-oid.npz, or --no-val-metric to "
+                                "report the validation loss only")

@@ -10,13 +10,14 @@ the JSONL's folder), else absolute. The files are downloaded by hand; nothing he
 
 - `vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations
   v2_mscoco_val2014_annotations.json --images val2014/`: VQA v2 (https://visualqa.org/download.html),
-  images `COCO_val2014_{image_id:012d}.jpg`. prefix `answer en {question}`, suffix the
+  images `COCO_{split}_{image_id:012d}.jpg`, the split from the file's data_subtype (or its
+  name). prefix `answer en {question}`, suffix the
   multiple_choice_answer, `answers` the ten raw answers (in order), `question_id`.
 - `textvqa --data TextVQA_0.5.1_val.json --images train_images/`: TextVQA (https://textvqa.org/dataset/),
   images `{image_id}.jpg`. As VQA v2; suffix the most common answer (a tie: the first listed).
 - `docvqa --data val_v1.0.json --images DIR`: DocVQA task 1 (https://rrc.cvc.uab.es/?ch=17), the
   image `DIR/<image field>` ("documents/x.png") or else `DIR/<its base name>`. As VQA v2; suffix
-  the first answer, `question_id` the questionId.
+  the first answer, `question_id` the questionId, `task` "anls" (DocVQA is scored by ANLS).
 - `coco-captions --annotations captions_val2014.json --images val2014/`: COCO captions
   (https://cocodataset.org/#download). One line per image with captions: prefix `caption en`,
   suffix the first caption, `references` all of them (stripped, in file order), `image_id`.
@@ -36,6 +37,7 @@ Bad input is one `error: ...` line naming the file, exit status 2.
 import argparse
 import json
 import os
+import re
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -93,8 +95,12 @@ def answer(path, suffix, what):
 def vqav2(args):
     """VQA v2: --questions and --annotations, the official val (or train) files."""
     with fields_of(args.questions):
-        questions = [(q["question_id"], f"COCO_val2014_{int(q['image_id']):012d}.jpg", q["question"].strip())
-                     for q in load_json(args.questions, "questions")["questions"]]
+        data = load_json(args.questions, "questions")
+        # the images' COCO split: the file's data_subtype ("val2014", "train2014"), else its name's
+        subtype = data.get("data_subtype") or next(iter(re.findall(r"(?:train|val|test)20\d\d",
+                                                                   Path(args.questions).name)), "val2014")
+        questions = [(q["question_id"], f"COCO_{subtype}_{int(q['image_id']):012d}.jpg", q["question"].strip())
+                     for q in data["questions"]]
     with fields_of(args.annotations):
         annotations = {a["question_id"]: (a["multiple_choice_answer"], [str(x["answer"]) for x in a["answers"]])
                        for a in load_json(args.annotations, "annotations")["annotations"]}
@@ -127,7 +133,7 @@ def docvqa(args):
             yield [d["image"], Path(d["image"]).name], {
                 "prefix": f"answer {args.lang} {d['question'].strip()}",
                 "suffix": answer(args.data, answers[0] if answers else "", f"questionId {d['questionId']}"),
-                "answers": answers, "question_id": d["questionId"]}
+                "answers": answers, "question_id": d["questionId"], "task": "anls"}
 
 
 def coco_captions(args):

@@ -8,14 +8,15 @@ the `suffix`, or, where a task has several right answers or more than text, thes
     box_yxyx    [y0, x0, y1, x1] referring expressions: the target box in pixels
     mask        a PNG file       segmentation: the target mask (nonzero = object), the image's size
 
-The task of an example (`task_of`): `--task` if given, else from the prefix's first word:
+The task of an example (`task_of`): `--task` if given, else the line's `task` key if it has one,
+else from the prefix's first word:
 
     caption -> caption   detect -> detect (refexp when the line has box_yxyx)   segment -> segment
     ocr -> anls          answer, question -> vqa                                 otherwise -> exact
 
 and what each reports (npvlm/metrics has the formulas):
 
-    vqa      accuracy: VQA accuracy against `answers` when a line has 3 or more, else exact match
+    vqa      accuracy: VQA accuracy against `answers` when a line has 4 or more, else exact match
     anls     anls: the best ANLS over `answers` (or the suffix), lower-cased
     relaxed  relaxed_accuracy: ChartQA's 5% tolerance against the suffix (or any of `answers`)
     exact    accuracy: equal, lower-cased, to the suffix or one of `answers`
@@ -29,6 +30,7 @@ and what each reports (npvlm/metrics has the formulas):
              suffix's first mask decoded by the VAE) averaged over lines; its box at IoU >= 0.5
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +56,7 @@ from ..tasks.segmentation import object_masks
 TASKS = ("vqa", "anls", "relaxed", "exact", "caption", "detect", "refexp", "segment")
 BY_PREFIX = {"caption": "caption", "detect": "detect", "segment": "segment", "ocr": "anls", "answer": "vqa",
              "question": "vqa"}
-VQA_MIN_ANSWERS = 3          # fewer answers: exact match (VQA accuracy needs 3 others to agree)
+VQA_MIN_ANSWERS = 4          # fewer answers: exact match (VQA accuracy needs 3 others to agree)
 METRICS = {"vqa": ("accuracy",), "anls": ("anls",), "relaxed": ("relaxed_accuracy",), "exact": ("accuracy",),
            "caption": ("cider", "bleu4"), "detect": ("map", "ap50", "ap75"), "refexp": ("accuracy",),
            "segment": ("miou", "box_accuracy")}
@@ -63,9 +65,15 @@ MAIN_METRIC = {task: names[0] for task, names in METRICS.items()}
 
 
 def task_of(example, task="auto"):
-    """The task an example is scored as: `task`, or from its prefix (see the module docstring)."""
+    """The task an example is scored as: `task`, else the line's own "task" key, else from its
+    prefix (see the module docstring)."""
     if task != "auto":
         return task
+    own = example.fields.get("task")
+    if own is not None:
+        if own not in TASKS:
+            raise InputError(f"{_where(example)}: 'task' must be one of {', '.join(TASKS)}, got {own!r}")
+        return own
     first = example.prefix.strip().split(" ", 1)[0].lower()
     found = BY_PREFIX.get(first, "exact")
     return "refexp" if found == "detect" and "box_yxyx" in example.fields else found
@@ -120,9 +128,11 @@ def ground_truth(e, task, divisor=1024, vae=None):
 
 def _box(e):
     b = e.fields["box_yxyx"]
-    if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        for v in b)) or not (b[2] > b[0] and b[3] > b[1]):
-        raise InputError(f"{_where(e)}: 'box_yxyx' must be [y0, x0, y1, x1] in pixels with y1 > y0 and x1 > x0")
+    numbers = isinstance(b, list) and len(b) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+    if not numbers or not (b[2] > b[0] and b[3] > b[1]):
+        raise InputError(f"{_where(e)}: 'box_yxyx' must be [y0, x0, y1, x1], finite numbers in pixels, with y1 > y0 "
+                         "and x1 > x0")
     return [float(v) for v in b]
 
 
@@ -149,20 +159,23 @@ def _target_mask(e, divisor, vae):
 
 
 def scored_records(generation, tokenizer):
-    """The answer's records (text split at ';') with their scores: the mean log-probability of the
-    tokens of each record (its separator and <eos> aside). -> [(record text, score)]"""
+    """The answer's records (text split at ';') with their scores: the mean log-probability of
+    each record's own tokens, its <loc> tokens and its label's (the ' ;' separator, tokens that
+    are only spaces, and <eos> aside). -> [(record text, score)]"""
     ids = list(generation.tokens)
     lps = list(generation.logprobs)
     if ids and ids[-1] == tokenizer.eos_id:
         ids, lps = ids[:-1], lps[:-1]
     sums, counts = {}, {}
-    before = 0
+    before_text, before = "", 0
     for i in range(len(ids)):
-        after = tokenizer.decode(ids[:i + 1]).count(";")
-        if after == before:                      # a token of record `before`, not a separator
+        text = tokenizer.decode(ids[:i + 1])
+        after = text.count(";")
+        own = text[len(before_text):] if text.startswith(before_text) else tokenizer.decode([ids[i]])
+        if after == before and own.strip():         # a token of record `before`: not a separator or a space
             sums[before] = sums.get(before, 0.0) + lps[i]
             counts[before] = counts.get(before, 0) + 1
-        before = after
+        before_text, before = text, after
     records = generation.text.split(";")
     return [(r.strip(), sums[k] / counts[k] if counts.get(k) else float("-inf")) for k, r in enumerate(records)]
 

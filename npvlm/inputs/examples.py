@@ -47,13 +47,16 @@ def _turned(im):
         return False
 
 
-def read_jsonl(path):
-    """Every example of a JSONL file, checked: one-line InputErrors naming file and line."""
+def read_jsonl(path, limit=None):
+    """Every example of a JSONL file (the first `limit` only, the rest not read), checked:
+    one-line InputErrors naming file and line."""
     source, path = path, Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
     examples = []
     for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if limit is not None and len(examples) >= limit:
+            break
         if not text.strip():
             continue
         where = f"{path} line {n}"

@@ -4,7 +4,7 @@ formula, its reference and the known differences).
 
     from npvlm.metrics import vqa_accuracy, cider
     vqa_accuracy("two", ["2"] * 9 + ["3"])                  # 1.0
-    cider(["a red circle"], [["a red circle", "a circle"]])   # corpus CIDEr-D
+    cider(["a red circle", "a blue square"], [["a red circle", "a circle"], ["a square"]])   # corpus CIDEr-D
 
 vqa.py      vqa_accuracy (VQA v2's official rules), anls (DocVQA), relaxed_accuracy (ChartQA),
             exact_match

@@ -25,17 +25,18 @@ PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", "."
                    "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
 # PTB splits these off the word before them ("don't" -> "do n't", "cat's" -> "cat 's", "cannot"
-# -> "can not", "gonna" -> "gon na")
+# -> "can not", "gonna" -> "gon na", "gimme" -> "gim me", "y'all" -> "y' all")
 _CLITIC = re.compile(r"(\w)(n't|'s|'re|'ve|'d|'ll|'m)\b")
-_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b")
+_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b|\b(gim|lem)(me)\b|\b(y')(all)\b")
 # periods PTB keeps on a word: initials ("a." too), dotted abbreviations ("u.s.", "p.m."), a few titles
 _ABBREVIATIONS = (r"\b(?:[a-z]\.){2,}|\b[a-z]\.(?![\w.])"
-                  r"|\b(?:mr|mrs|ms|dr|st|jr|sr|vs|mt|ft|inc|co|corp|ltd|no)\.(?=\s+\w)")
+                  r"|\b(?:mr|mrs|ms|dr|st|jr|sr|vs|mt|ft|inc|co|corp|ltd)\.(?=\s+\w)|\bno\.(?=\s+\d)")
 # a token: an abbreviation, a number with inner , or : ("1,000", "5:30"), a word (with inner
 # hyphens, periods, slashes or apostrophes: "well-known", "3.5-inch", "o'clock", "a/b"), a clitic,
-# "...", "--", or any other single non-space character
-_TOKEN = re.compile(_ABBREVIATIONS + r"|\d+(?:[,:]\d+)+(?:[-.'/]\w+)*|(?:n't|'s|'re|'ve|'d|'ll|'m)\b"
-                                     r"|\w+(?:[-.'/]\w+)*|\.\.\.|--|\S")
+# "...", "--", a run of ? and ! ("?!", kept: not in the list dropped), or any other single
+# non-space character
+_TOKEN = re.compile(_ABBREVIATIONS + r"|\by'(?=\s)|\d+(?:[,:]\d+)+(?:[-.'/]\w+)*|(?:n't|'s|'re|'ve|'d|'ll|'m)\b"
+                                     r"|\w+(?:[-.'/]\w+)*|\.\.\.|--|[?!]{2,}|\S")
 
 
 def tokenize(text):

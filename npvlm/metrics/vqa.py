@@ -55,8 +55,8 @@ PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
                "?", "!")
 # a period not followed by a digit ("(?!<=\d)" in the script is a look-ahead that always holds:
 # a typo for a look-behind, kept for equality)
-PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-DIGIT_COMMA_DIGIT = re.compile(r"(\d)(\,)(\d)")
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)     # ASCII digits, as Python 2's re there
+DIGIT_COMMA_DIGIT = re.compile(r"(\d)(\,)(\d)", re.ASCII)
 
 
 def process_punctuation(text):
