@@ -65,6 +65,8 @@ def main():
     for seed, n in ((0, 10), (1, 20), (2, 6), (3, 1), (4, 30)):
         p, g = cases.detection_set(seed, n)
         detection.append({"predictions": p, "ground_truth": g, **ref.coco_detection_map(p, g)})
+    p, g = cases.crowded_set(0)
+    detection.append({"predictions": p, "ground_truth": g, **ref.coco_detection_map(p, g)})
     p, g = cases.detection_set(5, 8)
     detection.append({"predictions": [[] for _ in p], "ground_truth": g, **ref.coco_detection_map([[] for _ in p], g)})
     perfect = [[{**o, "score": 1.0} for o in image] for image in g]

@@ -149,3 +149,25 @@ def detection_set(seed, n_images, size=100.0):
         preds.append([p[i] for i in order])
         gts.append(g)
     return preds, gts
+
+
+def crowded_set(seed, n_images=2, per_image=150):
+    """More than COCOeval's 100 detections per image and label: the truncation to the 100 best
+    matters (the ground truth among them and beyond)."""
+    rng = np.random.default_rng(seed)
+    preds, gts = [], []
+    for _ in range(n_images):
+        g = []
+        for _ in range(6):
+            y0, x0 = rng.uniform(0, 80, 2)
+            g.append({"label": "circle", "box_yxyx": [float(y0), float(x0), float(y0 + 15), float(x0 + 15)]})
+        p = []
+        for _ in range(per_image):
+            o = g[rng.integers(len(g))]["box_yxyx"]
+            b = np.asarray(o) + rng.normal(0, 3, 4)
+            y0, y1 = sorted((float(b[0]), float(b[2])))
+            x0, x1 = sorted((float(b[1]), float(b[3])))
+            p.append({"label": "circle", "box_yxyx": [y0, x0, y1 + 0.5, x1 + 0.5], "score": float(rng.uniform(0, 1))})
+        preds.append(p)
+        gts.append(g)
+    return preds, gts
