@@ -31,6 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_run_options(parser, threads_help):
+    """The options every command that runs a model shares: --backend, --threads, --quiet, --debug."""
+    add = parser.add_argument
+    add("--backend", choices=("numpy", "cupy"), default="numpy", help="array library: numpy (CPU) or cupy (a GPU)")
+    add("--threads", type=int, metavar="N", help=threads_help)
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--debug", action="store_true", help="show tracebacks")
+
+
 def silence_stdout():
     """Point stdout at /dev/null, so the interpreter's own flush at exit cannot fail again."""
     try:

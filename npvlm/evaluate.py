@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import cpu
 from .api import check_model_dir, check_weights_option, load
-from .commands import ArgumentParser, run_main
+from .commands import ArgumentParser, add_run_options, run_main
 from .errors import InputError
 from .evaluation.run import check_examples, evaluate
 from .evaluation.score import TASKS
@@ -44,12 +44,8 @@ def build_parser():
     add("--loc-divisor", type=int, choices=[1024, 1023], default=1024,
         help="how <loc> bins map to pixels: 1024 (the public demo) or 1023 (big_vision)")
     add("--vae", metavar="vae-oid.npz", help="big_vision's VQ-VAE mask decoder (the segment task)")
-    add("--backend", choices=("numpy", "cupy"), default="numpy", help="array library: numpy (CPU) or cupy (a GPU)")
     add("--weights", choices=("fp32", "bf16"), default="fp32", help="bf16: weights kept in bfloat16 (numpy only)")
-    add("--threads", type=int, metavar="N", help="BLAS threads on the CPU (default: chosen from the machine's "
-        "load; NPVLM_THREADS=N too)")
-    add("--quiet", action="store_true", help="no progress bar")
-    add("--debug", action="store_true", help="show tracebacks")
+    add_run_options(parser, "BLAS threads on the CPU (default: chosen from the machine's load; NPVLM_THREADS=N too)")
     return parser
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import cpu
 from .api import check_model_dir, load
-from .commands import ArgumentParser, run_main
+from .commands import ArgumentParser, add_run_options, run_main
 from .errors import InputError
 from .evaluation.run import check_examples
 from .evaluation.score import task_of
@@ -96,11 +96,8 @@ def build_parser():
     add("--work", metavar="DIR", help="where the training state goes (default: OUT.work)")
     add("--resume", action="store_true", help="continue from the state in --work")
     add("--restart", action="store_true", help="discard a state saved in --work and start over")
-    add("--backend", choices=("numpy", "cupy"), default="numpy", help="array library: numpy (CPU) or cupy (a GPU)")
-    add("--threads", type=int, metavar="N", help="BLAS threads on the CPU (default: all cores on a quiet "
-        "machine, fewer on a busy one, chosen at the start; --resume: the saved run's; NPVLM_THREADS=N too)")
-    add("--quiet", action="store_true", help="no progress bar")
-    add("--debug", action="store_true", help="show tracebacks")
+    add_run_options(parser, "BLAS threads on the CPU (default: all cores on a quiet machine, fewer on a busy "
+                    "one, chosen at the start; --resume: the saved run's; NPVLM_THREADS=N too)")
     return parser
 
 

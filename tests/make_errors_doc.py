@@ -188,6 +188,21 @@ def run_case(case, root, base):
     return api, cli, r.returncode, "loading" in r.stderr
 
 
+def command_table(title, intro, command, cases, run, root, base):
+    """A command's table: each case run, its last stderr line with the temporary paths cut."""
+    out = [f"\n## {title}\n", intro + "\n", f"| case | `{command}` (last stderr line) | exit | what to do |",
+           "|---|---|---|---|"]
+    for case in cases:
+        tmp = root / case.id
+        tmp.mkdir()
+        r = run(case.build(tmp, base), tmp)
+        line = r.last_line
+        for prefix in (tmp, root, ROOT):
+            line = line.replace(str(prefix) + "/", "")
+        out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
+    return out
+
+
 def make_doc():
     out = [HEADER]
     with tempfile.TemporaryDirectory() as d:
@@ -209,28 +224,12 @@ def make_doc():
                 cli_cell = "works: answer on stdout" if code == 0 else _cell(cli)
                 todo = case.todo or ("nothing; it works" if case.api is None else "")
                 out.append(f"| {case.what} | {api_cell} | {cli_cell} | {exit_cell} | {todo} |")
-        out.append(f"\n## {T.FT}\n")
-        out.append("Each refused before any step is taken or, for a loss that is not finite, at the step "
-                   "it happens; in every case nothing is written to `--out`.\n")
-        out.append("| case | `python -m npvlm.finetune` (last stderr line) | exit | what to do |")
-        out.append("|---|---|---|---|")
-        for case in FINETUNE_CASES:
-            tmp = root / case.id
-            tmp.mkdir()
-            r = T.run_finetune_cli(case.build(tmp, base), tmp)
-            line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "")
-            out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
-        out.append(f"\n## {T.EV}\n")
-        out.append("Each refused before the model is loaded (every line's ground truth is checked first); "
-                   "nothing is written to `--predictions`.\n")
-        out.append("| case | `python -m npvlm.evaluate` (last stderr line) | exit | what to do |")
-        out.append("|---|---|---|---|")
-        for case in EVALUATE_CASES:
-            tmp = root / case.id
-            tmp.mkdir()
-            r = T.run_evaluate_cli(case.build(tmp, base), tmp)
-            line = r.last_line.replace(str(tmp) + "/", "").replace(str(root) + "/", "").replace(str(ROOT) + "/", "")
-            out.append(f"| {case.what} | {_cell(line)} | {r.returncode} | {case.todo} |")
+        out += command_table(T.FT, "Each refused before any step is taken or, for a loss that is not finite, at the "
+                                   "step it happens; in every case nothing is written to `--out`.",
+                             "python -m npvlm.finetune", FINETUNE_CASES, T.run_finetune_cli, root, base)
+        out += command_table(T.EV, "Each refused before the model is loaded (every line's ground truth is checked "
+                                   "first); nothing is written to `--predictions`.",
+                             "python -m npvlm.evaluate", EVALUATE_CASES, T.run_evaluate_cli, root, base)
     out.append(messages_section())
     out.append(FOOTER)
     return "\n".join(out)
