@@ -3,7 +3,8 @@ arrays mixed with device arrays, no implicit conversion to NumPy, reductions sta
 
 Everything a GPU run does goes through here once: load with backend="cupy", prefill, decode,
 greedy generation, sampling, the training loss and every gradient (all parameters and LoRA), an
-SGD and an AdamW step, and a short `python -m npvlm.finetune --backend cupy`. Each result equals
+SGD and an AdamW step, a short `python -m npvlm.finetune --backend cupy`, an explanation and
+`python -m npvlm.evaluate --backend cupy`. Each result equals
 the NumPy backend's. The fake cannot find CUDA-only failures (kernels, memory, TF32); those wait
 for tools/gpu_check.sh on a GPU machine."""
 
@@ -149,3 +150,21 @@ def test_explanations_equal_numpy(pair):
         value = getattr(got, name)
         assert type(value) is np.ndarray, name                    # host arrays, as documented
         np.testing.assert_array_equal(value, getattr(want, name), err_msg=name)
+
+
+def test_evaluate_command_on_the_cupy_backend(tmp_path, monkeypatch, capsys):
+    """`python -m npvlm.evaluate --backend cupy`: the same answers, log-probabilities (detection
+    scores) and scores as on the host."""
+    import json
+
+    from npvlm import evaluate
+    from test_evaluate import demo_data
+    fake_cupy.install(monkeypatch)
+    data = demo_data(tmp_path, n_scenes=2)
+    outs = []
+    for backend in ("numpy", "cupy"):
+        pred = tmp_path / f"{backend}.jsonl"
+        assert evaluate.main(["--model", "demo", "--data", str(data), "--backend", backend, "--json", "--quiet",
+                              "--predictions", str(pred)]) == 0
+        outs.append((json.loads(capsys.readouterr().out)["scores"], pred.read_text()))
+    assert outs[0] == outs[1] and "objects" in outs[0][1]
