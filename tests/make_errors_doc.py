@@ -14,11 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import test_robustness_evaluate
-
 from npvlm.errors import NpvlmError
 
 import robustness as T  # this folder: the tables' machinery
+import test_robustness_evaluate
 import test_robustness_finetune
 import test_robustness_images
 import test_robustness_models

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import Browser, find_chromium
 from PIL import Image
 
 import npvlm
 import npvlm.demo
 from npvlm import cli
 from npvlm.demo import SAMPLE_SCENE
+
+from browser import Browser, find_chromium
 
 PROMPT = "detect circle ; square ; triangle"
 

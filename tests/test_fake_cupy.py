@@ -158,6 +158,7 @@ def test_evaluate_command_on_the_cupy_backend(tmp_path, monkeypatch, capsys):
     import json
 
     from npvlm import evaluate
+
     from test_evaluate import demo_data
     fake_cupy.install(monkeypatch)
     data = demo_data(tmp_path, n_scenes=2)

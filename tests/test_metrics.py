@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 
-import metric_cases as cases
 import numpy as np
 import pytest
 
 import npvlm.metrics as M
 
+import metric_cases as cases
 from helpers import GOLDENS
 
 GOLDEN = json.loads((GOLDENS / "metrics.json").read_text())
