@@ -65,7 +65,7 @@ def input_files(examples):
 
 
 def summary_table(result, model_name, n):
-    lines = [f"{model_name}: {n} examples, {result.seconds:.1f} s", "",
+    lines = [f"{model_name}: {n} example{'s' if n != 1 else ''}, {result.seconds:.1f} s", "",
              "| task | examples | metric | score |", "|---|---:|---|---:|"]
     for task, ts in result.tasks.items():
         for k, (name, value) in enumerate(ts.metrics.items()):

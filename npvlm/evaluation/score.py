@@ -228,8 +228,10 @@ def score_task(task, examples, generations, truths, tokenizer, divisor=1024, vae
         return TaskScore(task, {METRICS[task][0]: float(np.mean(scores))}, scores, truths, texts, note)
     if task == "caption":
         scores = cider_per_example(texts, truths, tokenize=True).tolist()
+        note = ("one caption: CIDEr's n-gram weights come from the whole set (log of its size, 0 here), so it "
+                "is 0; score several" if len(texts) == 1 else "")
         return TaskScore(task, {"cider": float(np.mean(scores)), "bleu4": bleu(texts, truths, tokenize=True)},
-                         scores, truths, texts)
+                         scores, truths, texts, note)
     if task == "detect":
         preds = [predicted_objects(g, tokenizer, e.size, divisor) for g, e in zip(generations, examples)]
         m = detection_map(preds, truths)
