@@ -13,10 +13,12 @@
 #
 # **Goal.** Score answers the way PaliGemma's papers do, and see inside each score: VQA
 # accuracy with its normalization, CIDEr-D's tf-idf n-grams, COCO's average precision; then
-# score the demo model on held-out lines with `npvlm.evaluate`. Every metric is checked against
-# what its reference implementation computed (the official VQA script, pycocoevalcap,
-# pycocotools) on the committed cases in `tests/goldens/metrics.json`
-# (`tests/make_metric_goldens.py`).
+# score the demo model on held-out lines with `npvlm.evaluate`. The "by hand" cells rebuild each
+# score from its formula (with npvlm's normalization and n-gram helpers) beside the library
+# function; the check cells compare npvlm with what the reference implementations computed
+# (the official VQA script, pycocoevalcap, pycocotools, big_vision's ANLS and relaxed-accuracy
+# rules) on the committed cases in `tests/goldens/metrics.json` (`tests/make_metric_goldens.py`).
+# Box and mask IoU are plain formulas with no reference file.
 #
 # $$
 # \text{VQA acc} = \frac{1}{n}\sum_{i=1}^{n} \min\!\Big(1, \frac{\#\{j \ne i : a_j = p\}}{3}\Big),
@@ -85,6 +87,11 @@ print("ten identical answers are not normalized:", metrics.vqa_accuracy("Yes", [
 diff = max(abs(metrics.vqa_accuracy(c["prediction"], c["answers"]) - c["accuracy"]) for c in golden["vqa"])
 print(f"{len(golden['vqa'])} cases, max |npvlm - official script| = {diff:.1e}")
 assert diff < 1e-12
+# the other short-answer metrics, against big_vision's rules (ANLS on the editdistance package)
+anls_ok = sum(metrics.anls(c["prediction"], c["answers"]) == c["anls"] for c in golden["anls"])
+relaxed_ok = sum(metrics.relaxed_accuracy(c["prediction"], c["answer"]) == c["relaxed"] for c in golden["relaxed"])
+print(f"ANLS equal on {anls_ok} of {len(golden['anls'])}, relaxed accuracy on {relaxed_ok} of {len(golden['relaxed'])}")
+assert anls_ok == len(golden["anls"]) and relaxed_ok == len(golden["relaxed"])
 
 # %% [markdown]
 # ## 2. CIDEr-D by hand
@@ -141,7 +148,8 @@ print("corpus CIDEr-D", metrics.cider(preds, refs), " BLEU-4", metrics.bleu(pred
 # %%
 for g in golden["captions"]:
     d = max(abs(metrics.cider(g["predictions"], g["references"]) - g["cider"]),
-            abs(metrics.bleu(g["predictions"], g["references"]) - g["bleu4"]))
+            abs(metrics.bleu(g["predictions"], g["references"]) - g["bleu4"]),
+            np.abs(metrics.cider_per_example(g["predictions"], g["references"]) - g["cider_per_example"]).max())
     print(f"{len(g['predictions']):3d} captions: CIDEr-D {g['cider']:.4f} BLEU-4 {g['bleu4']:.4f}  max |diff| {d:.1e}")
     assert d < 1e-6
 same = sum(metrics.tokenize(c["caption"]) == c["tokens"] for c in golden["ptb"])
@@ -195,7 +203,8 @@ plt.legend()
 plt.show()
 
 ours = metrics.detection_map(g["predictions"], g["ground_truth"])
-print(f"metrics.detection_map per label (IoU .50:.95): {ours['per_label']}")
+print(f"metrics.detection_map per label (IoU .50:.95; npvlm's, pycocotools' summary has no per-label figure): "
+      f"{ours['per_label']}")
 print(f"map {ours['map']:.6f} ap50 {ours['ap50']:.6f} ap75 {ours['ap75']:.6f}")
 print(f"pycocotools: map {g['map']:.6f} ap50 {g['ap50']:.6f} ap75 {g['ap75']:.6f}")
 assert max(abs(ours[k] - g[k]) for k in ("map", "ap50", "ap75")) < 1e-6

@@ -148,7 +148,7 @@ def check_outputs(args, image_path, folder):
     if args.explain:
         if Path(args.explain).suffix.lower() not in (".html", ".htm"):
             raise InputError(f"{args.explain}: the explanation is a web page; give a file name ending in .html")
-        check_writable(args.explain, inputs=inputs)
+        check_writable(args.explain, inputs=inputs, example="report.html")
     if args.explain_dir:
         check_new_folder(args.explain_dir)
 

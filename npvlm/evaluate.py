@@ -34,8 +34,8 @@ def build_parser():
     add("--data", required=True, metavar="test.jsonl", help='one {"image", "prefix", "suffix"} per line, '
         "plus answers / references / box_yxyx / mask where the task has them")
     add("--task", choices=("auto",) + TASKS, default="auto",
-        help="the metric: auto chooses per line from the prefix (caption, detect, segment, ocr -> anls, "
-             "answer -> vqa, else exact)")
+        help="the metric: auto chooses per line, from its 'task' key or else its prefix (caption, detect, "
+             "segment, ocr -> anls, answer -> vqa, else exact)")
     add("--batch-size", type=int, default=8, help="prompts per generation batch")
     add("--max-new-tokens", type=int, default=64, metavar="N", help="the longest answer")
     add("--limit", type=int, metavar="N", help="read and score the first N examples only")
@@ -84,10 +84,10 @@ def run(args):
         out = Path(args.predictions).resolve()
         if out == source.resolve() or source.resolve() in out.parents:
             raise InputError(f"--predictions {out}: is inside the model folder {source}; write outputs elsewhere")
-        check_writable(args.predictions, inputs=[args.data, args.vae])
+        check_writable(args.predictions, inputs=[args.data, args.vae], example="predictions.jsonl")
     examples = read_jsonl(args.data, args.limit)
     if args.predictions is not None:        # nor any file the lines name (an image, a mask)
-        check_writable(args.predictions, inputs=input_files(examples))
+        check_writable(args.predictions, inputs=input_files(examples), example="predictions.jsonl")
     vae = load_vae(args.vae) if args.vae else None
     checked = check_examples(examples, args.task, args.loc_divisor, vae)     # every line, before the model
     with cpu.threads_fixed(args.threads or cpu.from_environment()):
@@ -99,8 +99,10 @@ def run(args):
     if args.predictions:
         write_text_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in result.rows))
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, "examples": len(examples),
-                          "seconds": round(result.seconds, 3), "scores": scores}))
+        notes = {task: ts.note for task, ts in result.tasks.items() if ts.note}
+        print(json.dumps({"model": args.model, "data": args.data, "task": args.task, "loc_divisor": args.loc_divisor,
+                          "examples": len(examples), "seconds": round(result.seconds, 3), "scores": scores,
+                          "notes": notes}))
     else:
         print(summary_table(result, args.model, len(examples)))
     if args.predictions:

@@ -213,6 +213,8 @@ def train_and_export(args, source, out, work, examples, val, on_step, vae=None):
     kept = [e for e in log if e.get("best")]
     weights = (f", the weights of step {kept[-1]['step']}, the best {args.keep_best}" if args.keep_best and kept
                else "")
+    if args.keep_best and not kept:
+        print(f"note: no validation reported {args.keep_best}; the last step's weights were written", file=sys.stderr)
     print(f"wrote {out} (final loss {log[-1]['loss']:.4f}{weights}){state}", file=sys.stderr)
     return 0
 

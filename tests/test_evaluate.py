@@ -233,3 +233,36 @@ def test_vqa_accuracy_needs_four_answers_and_a_line_may_name_its_task(tmp_path, 
     ts = score_task("vqa", examples[:2], gens, [["yes"] * 3, ["yes"] * 4], demo.processor.tokenizer)
     assert ts.scores == [1.0, 1.0] and "1 of 2 lines have fewer than 4 answers" in ts.note
     assert read_jsonl(tmp_path / "t.jsonl", limit=1) == examples[:1]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 (splitlines would cut it); a BOM on the first line is
+    skipped; a line that is not UTF-8 is named; --limit stops reading (a bad line after it is
+    never seen)."""
+    from npvlm.errors import InputError
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "prefix": "caption en", "suffix": "a\u2028b"}, ensure_ascii=False)
+    (tmp_path / "t.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\r\n" + b'{"image": \xff}\n')
+    assert [e.suffix for e in read_jsonl(tmp_path / "t.jsonl", limit=1)] == ["a\u2028b"]
+    with pytest.raises(InputError, match="t.jsonl line 2: not UTF-8 text"):
+        read_jsonl(tmp_path / "t.jsonl")
+
+
+def test_json_output_carries_the_options_and_notes(tmp_path, capsys):
+    data = demo_data(tmp_path, n_scenes=1)
+    out = json.loads(run_command(capsys, "--model", "demo", "--data", str(data), "--json", "--limit", "1").out)
+    assert out["task"] == "auto" and out["loc_divisor"] == 1024 and out["examples"] == 1
+    assert out["scores"]["caption"]["cider"] == 0.0 and "one caption" in out["notes"]["caption"]
+
+
+def test_a_state_saved_before_val_and_keep_best_were_recorded_resumes(tmp_path):
+    data = demo_data(tmp_path / "d", n_scenes=1, seed=5)
+    argv = ["--model", "demo", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "4",
+            "--quiet"]
+    assert finetune.run(finetune.parse_args(argv), on_step=lambda e: True) == 0
+    state = tmp_path / "out.work" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["options"]["val"], meta["options"]["keep_best"]            # as the previous version saved it
+    state.write_text(json.dumps(meta))
+    assert finetune.main([*argv, "--resume"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()

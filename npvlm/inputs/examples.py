@@ -54,43 +54,57 @@ def read_jsonl(path, limit=None):
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
     examples = []
-    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if limit is not None and len(examples) >= limit:
-            break
-        if not text.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{where}: an example must be a JSON object with image, prefix, suffix")
-        for key in ("image", "prefix", "suffix"):
-            if not isinstance(d.get(key), str):
-                raise InputError(f"{where}: '{key}' is missing or not a string")
-        if not d["suffix"].strip():
-            raise InputError(f"{where}: 'suffix' is empty; an example needs an answer to learn")
-        fetched = None
-        if is_url(d["image"]):
-            image = d["image"]
+    with open(path, "rb") as f:                 # lines end at \n only (a JSON string may hold U+2028)
+        for n, raw in enumerate(f, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")     # a byte-order mark some editors write
             try:
-                fetched, _ = fetch(image)
-            except InputError as e:
-                raise InputError(f"{where}: {e}") from None
-        else:
-            image = (path.parent / d["image"]).resolve()
-            if not image.is_file():
-                raise InputError(f"{where}: image {d['image']!r} not found (looked for {image})")
-        try:
-            with Image.open(io.BytesIO(fetched) if fetched is not None else image) as im:
-                size = im.size          # the header is read: a file Pillow cannot open fails here
-                if _turned(im):         # upright, as load_image turns it
-                    size = size[::-1]
-        except Exception as e:  # noqa: BLE001 (Pillow raises several types; reported as one line)
-            raise InputError(f"{where}: image {d['image']!r} cannot be read ({type(e).__name__})") from None
-        others = {k: v for k, v in d.items() if k not in ("image", "prefix", "suffix")}
-        examples.append(Example(source, n, image, d["prefix"], d["suffix"], fetched, size, others))
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path} line {n}: not UTF-8 text") from None
+            example = _example(source, path, n, text.rstrip("\r\n"))
+            if example is not None:
+                examples.append(example)
     if not examples:
         raise InputError(f"{path}: no examples")
     return examples
+
+
+def _example(source, path, n, text):
+    """One line -> Example, checked (None for a blank line)."""
+    if not text.strip():
+        return None
+    where = f"{path} line {n}"
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: an example must be a JSON object with image, prefix, suffix")
+    for key in ("image", "prefix", "suffix"):
+        if not isinstance(d.get(key), str):
+            raise InputError(f"{where}: '{key}' is missing or not a string")
+    if not d["suffix"].strip():
+        raise InputError(f"{where}: 'suffix' is empty; an example needs an answer to learn")
+    fetched = None
+    if is_url(d["image"]):
+        image = d["image"]
+        try:
+            fetched, _ = fetch(image)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+    else:
+        image = (path.parent / d["image"]).resolve()
+        if not image.is_file():
+            raise InputError(f"{where}: image {d['image']!r} not found (looked for {image})")
+    try:
+        with Image.open(io.BytesIO(fetched) if fetched is not None else image) as im:
+            size = im.size          # the header is read: a file Pillow cannot open fails here
+            if _turned(im):         # upright, as load_image turns it
+                size = size[::-1]
+    except Exception as e:  # noqa: BLE001 (Pillow raises several types; reported as one line)
+        raise InputError(f"{where}: image {d['image']!r} cannot be read ({type(e).__name__})") from None
+    others = {k: v for k, v in d.items() if k not in ("image", "prefix", "suffix")}
+    return Example(source, n, image, d["prefix"], d["suffix"], fetched, size, others)

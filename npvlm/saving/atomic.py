@@ -10,8 +10,9 @@ from PIL import Image
 from ..errors import InputError
 
 
-def check_writable(path, inputs=()):
-    """Refuse, before any work, an output path that cannot be written or that is an input."""
+def check_writable(path, inputs=(), example="out.png"):
+    """Refuse, before any work, an output path that cannot be written or that is an input
+    (`example`: a file name to suggest when the path is a folder)."""
     path = Path(path)
     for src in inputs:
         try:
@@ -20,7 +21,7 @@ def check_writable(path, inputs=()):
         except OSError:
             pass
     if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name such as out.png")
+        raise InputError(f"{path}: is a folder; give a file name such as {example}")
     folder = path.parent if str(path.parent) else Path(".")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{path}: {folder} is a file, not a folder; choose an output path in an "

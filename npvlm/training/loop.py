@@ -195,7 +195,8 @@ def load_state(work, trained, optimizer, options, xp):
     meta = state_meta(work)
     if meta is None:
         raise InputError(f"{work}: no saved training state to resume (state.json missing)")
-    changed = [k for k in options if meta["options"].get(k) != options[k]]
+    # an option the saved state does not record (it predates the option) is not compared
+    changed = [k for k in options if k in meta["options"] and meta["options"][k] != options[k]]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise InputError(f"{work}: the saved run used other options ({flags}); resume with the same "
