@@ -19,6 +19,7 @@ from . import cpu
 from .api import check_model_dir, check_weights_option, load
 from .commands import ArgumentParser, add_run_options, run_main
 from .errors import InputError
+from .evaluation.predict import check_images
 from .evaluation.run import check_examples, evaluate
 from .evaluation.score import TASKS
 from .inputs.examples import read_jsonl
@@ -90,6 +91,7 @@ def run(args):
         check_writable(args.predictions, inputs=input_files(examples), example="predictions.jsonl")
     vae = load_vae(args.vae) if args.vae else None
     checked = check_examples(examples, args.task, args.loc_divisor, vae)     # every line, before the model
+    check_images(examples)
     with cpu.threads_fixed(args.threads or cpu.from_environment()):
         print(f"loading {args.model}", file=sys.stderr)
         model = load(source, backend=args.backend, weights=args.weights)

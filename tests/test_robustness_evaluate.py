@@ -45,6 +45,16 @@ def _predictions_is_image(tmp, base):
     return ["--model", str(base.model), "--data", str(data), "--predictions", str(data.parent / "a.png")]
 
 
+def _truncated_image(tmp, base):
+    """A JPEG cut in half: its header reads, its pixels do not."""
+    data = _data(tmp, [{}, {"image": "t.jpg"}])
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data.parent / "t.jpg", quality=90)
+    whole = (data.parent / "t.jpg").read_bytes()
+    (data.parent / "t.jpg").write_bytes(whole[:len(whole) // 2])
+    return _argv(tmp, base, data)
+
+
 def _predictions_in_model(tmp, base):
     return ["--model", str(base.model), "--data", str(_data(tmp, [{}])), "--predictions", str(base.model / "p.jsonl")]
 
@@ -89,6 +99,8 @@ EVALUATE_CASES = [
                  (1, "the segment task needs the VQ-VAE mask decoder: pass --vae vae-oid.npz"), "pass --vae"),
     FinetuneCase("ev-mask-unreadable", "a segment line's 'mask' is not an image", _mask_unreadable,
                  (1, "test.jsonl line 1: mask 'm.png' cannot be read"), "point 'mask' at the PNG"),
+    FinetuneCase("ev-image-truncated", "an image cut short after its header (a broken download)", _truncated_image,
+                 (1, "t.jpg: truncated or corrupt image"), "download the image again"),
     FinetuneCase("ev-unknown-task", "an unknown --task", _ev([{}], "--task", "bleu"),
                  (2, "argument --task: invalid choice: 'bleu'"), "choose one of --help's tasks"),
     FinetuneCase("ev-batch-zero", "--batch-size 0", _ev([{}], "--batch-size", "0"),

@@ -18,6 +18,17 @@ def example_image(e):
         raise InputError(f"{e.source} line {e.line}: {err}") from None
 
 
+def check_images(examples):
+    """Decode every distinct image once (and let it go), so an image damaged past its header is
+    one line naming its file and line before any answer is made."""
+    seen = set()
+    for e in examples:
+        key = e.image if e.fetched is None else id(e.fetched)
+        if key not in seen:
+            seen.add(key)
+            example_image(e)
+
+
 def predict(model, examples, batch_size=8, max_new_tokens=64, logprobs=False, quiet=False, desc="evaluating"):
     """Greedy answers (Generation objects, with token log-probabilities if asked) for the
     examples, in order, `batch_size` prompts per generate call."""
