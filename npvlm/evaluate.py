@@ -18,11 +18,13 @@ from pathlib import Path
 from . import cpu
 from .api import check_model_dir, check_weights_option, load
 from .commands import ArgumentParser, add_run_options, run_main
+from .config import load_config
 from .errors import InputError
 from .evaluation.predict import check_images
-from .evaluation.run import check_examples, evaluate
+from .evaluation.run import check_examples, check_prompt_lengths, evaluate
 from .evaluation.score import TASKS
 from .inputs.examples import read_jsonl
+from .inputs.processor import Processor
 from .saving.atomic import check_writable, write_text_atomic
 from .tasks.segmentation import load_vae
 
@@ -92,6 +94,9 @@ def run(args):
     vae = load_vae(args.vae) if args.vae else None
     checked = check_examples(examples, args.task, args.loc_divisor, vae)     # every line, before the model
     check_images(examples)
+    cfg = load_config(source)
+    if (source / "tokenizer.model").is_file():
+        check_prompt_lengths(examples, Processor.from_model_dir(source, cfg), cfg, args.max_new_tokens)
     with cpu.threads_fixed(args.threads or cpu.from_environment()):
         print(f"loading {args.model}", file=sys.stderr)
         model = load(source, backend=args.backend, weights=args.weights)

@@ -4,6 +4,7 @@ answers, then each task's scores."""
 import time
 from dataclasses import dataclass
 
+from ..errors import InputError
 from .predict import predict
 from .score import TASKS, TaskScore, ground_truth, score_task, task_of
 
@@ -22,6 +23,18 @@ def check_examples(examples, task="auto", divisor=1024, vae=None):
     generated: one-line InputErrors naming the file and line."""
     tasks = [task_of(e, task) for e in examples]
     return tasks, [ground_truth(e, t, divisor, vae) for e, t in zip(examples, tasks)]
+
+
+def check_prompt_lengths(examples, processor, cfg, max_new_tokens):
+    """Each prompt + max_new_tokens within the model's positions, before any answer is made
+    (the processor alone: no weights needed)."""
+    limit, N = cfg.text.max_position_embeddings, cfg.num_image_tokens
+    for e in examples:
+        n = len(processor.tokenizer.prompt_ids(e.prefix, N)[0])
+        if n + max_new_tokens > limit:
+            raise InputError(f"{e.source} line {e.line}: the prompt ({n} tokens, {N} of them image tokens) + "
+                             f"--max-new-tokens {max_new_tokens} exceed the model's {limit} positions; shorten "
+                             "the prompt or lower --max-new-tokens")
 
 
 def evaluate(model, examples, task="auto", batch_size=8, max_new_tokens=64, divisor=1024, vae=None, quiet=False,
