@@ -129,14 +129,8 @@ def main():
             out = {"demo": worker_demo, "npvlm": worker_npvlm, "hf": worker_hf}[args.worker](args)
         print(json.dumps(out))
         return
-    import platform
-
-    from threadpoolctl import threadpool_info
-    blas = [f"{i['internal_api']} {i['version']} ({i.get('architecture')})" for i in threadpool_info()
-            if i["user_api"] == "blas"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"{cpu}, {args.threads} threads, numpy BLAS: {', '.join(blas)}")
+    from bench_startup import machine_line
+    print(f"{machine_line()}; {args.threads} threads in each worker\n")
     print("| model | implementation | batch | examples | new tokens | total | per example | peak RSS |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     if "demo" in args.sizes:

@@ -145,10 +145,8 @@ def main():
     if args.worker:
         print(json.dumps({"npvlm": worker_npvlm, "hf": worker_hf}[args.worker](args)))
         return
-    from bench_startup import machine
-    info = machine()
-    print(f"machine: {info['cpu']}, {len(os.sched_getaffinity(0))} cores, Python {info['python']}, "
-          f"numpy {info['numpy']}, BLAS {info['blas']}\n")
+    from bench_startup import machine_line
+    print(machine_line() + "\n")
     print("| model | implementation | answer tokens | total s | s per token | RSS after load GB | peak RSS GB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:

@@ -120,10 +120,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_startup import machine
-    info = machine()
-    print(f"machine: {info['cpu']}, {os.cpu_count()} cores, Python {info['python']}, numpy {info['numpy']}, "
-          f"BLAS {info['blas']}\n")
+    from bench_startup import machine_line
+    print(machine_line() + "\n")
     loads = [x for x in args.loads if x != "alone"]
     print("| workload | threads | alone: s (BLAS threads) | " + " | ".join(
         f"beside a {x}: s (BLAS threads), slowdown" for x in loads) + " |")

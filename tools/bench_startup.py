@@ -16,6 +16,7 @@ Measure on a quiet machine: another BLAS-heavy process on 2 cores slows these ru
 """
 
 import argparse
+import os
 import platform
 import re
 import shutil
@@ -75,6 +76,13 @@ def machine():
     except ImportError:
         info["blas"] = "threadpoolctl not installed"
     return info
+
+
+def machine_line():
+    """The line every benchmark prints first: CPU, usable cores, Python, numpy, BLAS kernel."""
+    info = machine()
+    return (f"machine: {info['cpu']}, {len(os.sched_getaffinity(0))} cores, Python {info['python']}, "
+            f"numpy {info['numpy']}, BLAS {info['blas']}")
 
 
 def main():

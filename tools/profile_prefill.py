@@ -23,7 +23,6 @@ Name the CPU and BLAS kernel with the numbers (printed first); measure on a quie
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +106,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_startup import machine
-    info = machine()
-    print(f"machine: {info['cpu']}, {os.cpu_count()} cores, Python {info['python']}, numpy {info['numpy']}, "
-          f"BLAS {info['blas']}\n")
+    from bench_startup import machine_line
+    print(machine_line() + "\n")
     print("| size | allocator | prefill s | inside linear s (calls) | the same products alone s | "
           "alone, preallocated outputs s | page faults (in linear) | inputs not contiguous | peak RSS GB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
