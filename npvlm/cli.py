@@ -27,7 +27,14 @@ from .generation.generate import check_generation_args
 from .generation.sampling import SamplingOptions
 from .inputs.image import load_image
 from .inputs.processor import Processor
-from .saving.atomic import check_new_folder, check_writable, image_format, save_image_atomic
+from .saving.atomic import (
+    check_new_folder,
+    check_outside,
+    check_path_given,
+    check_writable,
+    image_format,
+    save_image_atomic,
+)
 from .tasks.draw import draw_objects
 from .tasks.segmentation import load_vae, object_masks
 
@@ -113,8 +120,7 @@ def check_before_load(args):
     check_threads_option(args.threads)
     image_path = SAMPLE_SCENE if args.image is None else args.image
     for flag, value in (("--draw", args.draw), ("--explain", args.explain), ("--explain-dir", args.explain_dir)):
-        if value is not None and not value.strip():
-            raise InputError(f"{flag} needs a path, got an empty string")
+        check_path_given(flag, value)
     image = load_image(image_path, allow_huge=args.allow_huge_image)
     get_backend(args.backend)
     folder = check_model_dir(args.model)
@@ -137,10 +143,8 @@ def check_outputs(args, image_path, folder):
             if a == b or a in b.parents or b in a.parents:
                 raise InputError(f"{flag_a} and {flag_b} both write to {min(a, b, key=lambda p: len(p.parts))}; "
                                  "give each its own path")
-    model_dir = Path(folder).resolve()
     for flag, path in outputs:
-        if path == model_dir or model_dir in path.parents:
-            raise InputError(f"{flag} {path}: is inside the model folder {folder}; write outputs elsewhere")
+        check_outside(flag, path, folder)
     inputs = [image_path if not str(image_path).startswith(("http://", "https://")) else None, args.vae]
     if args.draw:
         check_writable(args.draw, inputs=inputs)

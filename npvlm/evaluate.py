@@ -25,7 +25,7 @@ from .evaluation.run import check_examples, check_prompt_lengths, evaluate
 from .evaluation.score import TASKS
 from .inputs.examples import read_jsonl
 from .inputs.processor import Processor
-from .saving.atomic import check_writable, write_text_atomic
+from .saving.atomic import check_outside, check_path_given, check_writable, write_text_atomic
 from .tasks.segmentation import load_vae
 
 
@@ -82,11 +82,8 @@ def run(args):
     check_args(args)
     source = check_model_dir(args.model)
     if args.predictions is not None:
-        if not args.predictions.strip():
-            raise InputError("--predictions needs a path, got an empty string")
-        out = Path(args.predictions).resolve()
-        if out == source.resolve() or source.resolve() in out.parents:
-            raise InputError(f"--predictions {out}: is inside the model folder {source}; write outputs elsewhere")
+        check_path_given("--predictions", args.predictions)
+        check_outside("--predictions", args.predictions, source)
         check_writable(args.predictions, inputs=[args.data, args.vae], example="predictions.jsonl")
     examples = read_jsonl(args.data, args.limit)
     if args.predictions is not None:        # nor any file the lines name (an image, a mask)

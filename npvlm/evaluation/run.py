@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from .predict import predict
-from .score import TASKS, TaskScore, ground_truth, score_task, task_of
+from .score import ground_truth, score_task, task_of
 
 SCORED_AS = {"detect": "objects", "refexp": "box_yxyx", "segment": "box_yxyx"}
 
@@ -59,5 +59,3 @@ def evaluate(model, examples, task="auto", batch_size=8, max_new_tokens=64, divi
                 rows[i][SCORED_AS[name]] = ts.outputs[j]
     return Evaluation(results, rows, time.perf_counter() - t0)
 
-
-__all__ = ["TASKS", "TaskScore", "Evaluation", "check_examples", "evaluate"]

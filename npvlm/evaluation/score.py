@@ -50,7 +50,7 @@ from ..metrics import (
     relaxed_accuracy,
     vqa_accuracy,
 )
-from ..tasks.detection import parse_detections, parse_record
+from ..tasks.detection import DetectedObject, parse_detections, parse_record
 from ..tasks.segmentation import object_masks
 
 TASKS = ("vqa", "anls", "relaxed", "exact", "caption", "detect", "refexp", "segment")
@@ -186,7 +186,7 @@ def predicted_objects(generation, tokenizer, size, divisor):
     for text, s in scored_records(generation, tokenizer):
         if text:
             o = parse_record(text, *size, divisor)
-            if hasattr(o, "box"):
+            if isinstance(o, DetectedObject):
                 out.append({"label": o.label, "box_yxyx": list(o.box), "score": float(s)})
     return out
 

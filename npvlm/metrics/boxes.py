@@ -13,17 +13,12 @@ RECALL_POINTS = np.linspace(0.0, 1.0, 101)       # COCOeval's recThrs, 101-point
 MAX_DETECTIONS = 100
 
 
-def _boxes(a):
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    return a
-
-
 def box_iou(a, b):
     """Intersection over union of boxes [y0, x0, y1, x1]: |a ∩ b| / (|a| + |b| - |a ∩ b|), areas
     (y1 - y0) * (x1 - x0) with no +1 (COCO's convention; a box of zero area has IoU 0). Two
     boxes -> a float; [n, 4] and [m, 4] -> float64 [n, m]."""
     single = np.ndim(a) == 1 and np.ndim(b) == 1
-    A, B = _boxes(a), _boxes(b)
+    A, B = (np.asarray(x, np.float64).reshape(-1, 4) for x in (a, b))
     top = np.maximum(A[:, None, 0], B[None, :, 0])
     left = np.maximum(A[:, None, 1], B[None, :, 1])
     bottom = np.minimum(A[:, None, 2], B[None, :, 2])
@@ -36,16 +31,17 @@ def box_iou(a, b):
     return float(iou[0, 0]) if single else iou
 
 
-def _match(dets, gts, threshold):
-    """COCOeval.evaluateImg's greedy matching at one IoU threshold, for one image and label:
-    detections in order (highest score first), each takes the unmatched ground truth it overlaps
-    most (IoU >= threshold; on equal IoU the later one), -> bool [len(dets)]: matched."""
-    ious = box_iou(dets, gts) if len(dets) and len(gts) else np.zeros((len(dets), len(gts)))
-    taken = np.zeros(len(gts), bool)
-    matched = np.zeros(len(dets), bool)
-    for d in range(len(dets)):
+def _match(ious, threshold):
+    """COCOeval.evaluateImg's greedy matching at one IoU threshold, for one image and label
+    (ious: [detections, ground truth], detections highest score first): each detection takes the
+    unmatched ground truth it overlaps most (IoU >= threshold; on equal IoU the later one).
+    -> bool [detections]: matched."""
+    n_det, n_gt = ious.shape
+    taken = np.zeros(n_gt, bool)
+    matched = np.zeros(n_det, bool)
+    for d in range(n_det):
         best, m = min(threshold, 1 - 1e-10), -1
-        for g in range(len(gts)):
+        for g in range(n_gt):
             if taken[g] or ious[d, g] < best:
                 continue
             best, m = ious[d, g], g
@@ -63,10 +59,11 @@ def _average_precision(scores, matched, n_gt):
     fp = np.cumsum(~matched[order]).astype(float)
     recall = tp / n_gt
     precision = tp / (fp + tp + np.spacing(1))
-    for i in range(len(precision) - 1, 0, -1):
-        precision[i - 1] = max(precision[i - 1], precision[i])
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]      # the best precision at this recall or beyond
     found = np.searchsorted(recall, RECALL_POINTS, side="left")
-    q = np.where(found < len(precision), precision[np.minimum(found, len(precision) - 1)] if len(precision) else 0, 0)
+    q = np.zeros(len(RECALL_POINTS))
+    reached = found < len(envelope)
+    q[reached] = envelope[found[reached]]
     return float(np.mean(q))
 
 
@@ -98,9 +95,9 @@ def detection_map(predictions, ground_truth):
             order = np.argsort([-float(o["score"]) for o in d], kind="mergesort")[:MAX_DETECTIONS]
             d = [d[i] for i in order]
             scores += [float(o["score"]) for o in d]
-            boxes = [o["box_yxyx"] for o in d]
+            ious = box_iou([o["box_yxyx"] for o in d], g) if d and g else np.zeros((len(d), len(g)))
             for ti, t in enumerate(IOU_THRESHOLDS):
-                matched[ti].append(_match(boxes, g, t))
+                matched[ti].append(_match(ious, t))
         for ti in range(len(IOU_THRESHOLDS)):
             m = np.concatenate(matched[ti]) if matched[ti] else np.zeros(0, bool)
             ap[ti, li] = _average_precision(np.asarray(scores, np.float64), m, n_gt)

@@ -10,6 +10,19 @@ from PIL import Image
 from ..errors import InputError
 
 
+def check_path_given(flag, value):
+    """A command-line output path that is not an empty string."""
+    if value is not None and not value.strip():
+        raise InputError(f"{flag} needs a path, got an empty string")
+
+
+def check_outside(flag, path, model_dir):
+    """An output path that is not the model folder or inside it."""
+    path, model = Path(path).resolve(), Path(model_dir).resolve()
+    if path == model or model in path.parents:
+        raise InputError(f"{flag} {path}: is inside the model folder {model_dir}; write outputs elsewhere")
+
+
 def check_writable(path, inputs=(), example="out.png"):
     """Refuse, before any work, an output path that cannot be written or that is an input
     (`example`: a file name to suggest when the path is a folder)."""
